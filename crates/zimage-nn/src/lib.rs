@@ -1,0 +1,27 @@
+//! Shared building blocks of zimage-rs.
+//!
+//! - [`checkpoint`]: safetensors files and sharded sets (index json), memory-mapped, cast per tensor.
+//! - [`weights`]: building modules from named tensors, with the complete mismatch report.
+//! - layers several components use: [`Linear`], [`RmsNorm`], [`attention`].
+
+pub mod attention;
+pub mod checkpoint;
+mod error;
+mod linear;
+mod norm;
+pub mod weights;
+
+pub use attention::AttentionImpl;
+pub use checkpoint::{Checkpoint, StoredDtype, TensorEntry};
+pub use error::{CheckpointError, MismatchReport, ShapeMismatch};
+pub use linear::Linear;
+pub use norm::{layer_norm, RmsNorm};
+pub use weights::{load_module, KeyMapping, TensorRef, WeightMap, Weights};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Element};
+
+/// The backend's default float dtype (`f32` on ndarray, the chosen element on cubecl backends).
+pub fn float_dtype<B: Backend>() -> DType {
+    <B::FloatElem as Element>::dtype()
+}

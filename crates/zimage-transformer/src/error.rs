@@ -1,0 +1,22 @@
+use std::path::PathBuf;
+
+use zimage_nn::CheckpointError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransformerError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid transformer config{}: {reason}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Config {
+        path: Option<PathBuf>,
+        reason: String,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("invalid transformer input: {0}")]
+    Input(String),
+}

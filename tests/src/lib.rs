@@ -1,0 +1,1 @@
+//! Parity and end-to-end tests live in `tests/tests/`.
