@@ -1,0 +1,1 @@
+//! The Qwen3 prompt tokenizer and text encoder (work in progress).

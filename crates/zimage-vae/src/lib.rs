@@ -1,0 +1,1 @@
+//! The Flux-style AutoencoderKL (work in progress).
