@@ -91,20 +91,20 @@ fn f32_matches_diffusers() {
 }
 
 #[test]
-fn reference_attention_matches_too() {
+fn every_attention_path_matches() {
+    // The default (`Auto`) is the host path on ndarray; burn's own op and the reference too.
     let device = Default::default();
-    let model = ZImageTransformer2DModel::<B>::from_folder(
-        folder("a").join("transformer"),
-        &device,
-        DType::F32,
-    )
-    .expect("load")
-    .with_attention(AttentionImpl::Reference);
-    let (rel, max) = run_cases("a", &model, "out", CASES[0].1);
-    assert!(
-        rel <= 1e-5 && max <= 1e-4,
-        "rel L2 {rel:.3e}, max abs {max:.3e}"
-    );
+    for imp in [AttentionImpl::Backend, AttentionImpl::Reference, AttentionImpl::Host] {
+        let model = ZImageTransformer2DModel::<B>::from_folder(
+            folder("a").join("transformer"),
+            &device,
+            DType::F32,
+        )
+        .expect("load")
+        .with_attention(imp);
+        let (rel, max) = run_cases("a", &model, "out", CASES[0].1);
+        assert!(rel <= 1e-5 && max <= 1e-4, "{imp:?}: rel L2 {rel:.3e}, max abs {max:.3e}");
+    }
 }
 
 #[test]

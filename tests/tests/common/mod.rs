@@ -1,6 +1,8 @@
 //! Helpers shared by the parity tests: fixture paths, reading recorded tensors, error metrics.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::path::PathBuf;
 
 use burn::backend::NdArray;

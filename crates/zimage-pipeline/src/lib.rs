@@ -1,0 +1,28 @@
+//! Z-Image pipelines on burn, generic over the backend: text-to-image, image-to-image and
+//! inpainting with diffusers' semantics, and the torch-compatible generator that makes a seed give
+//! the same picture as diffusers.
+//!
+//! ```no_run
+//! # use burn::backend::NdArray;
+//! # use zimage_pipeline::{ModelFolder, ZImagePipeline};
+//! let device = Default::default();
+//! let folder = ModelFolder::open("Z-Image-Turbo")?;
+//! let mut pipeline = ZImagePipeline::<NdArray>::new(folder, &device, burn::tensor::DType::F32)?;
+//! let mut options = pipeline.options("a red fox in the snow, photograph");
+//! options.seed = 42;
+//! let generation = pipeline.generate(&options, &mut |_event| std::ops::ControlFlow::Continue(()))?;
+//! generation.images[0].save("fox.png").expect("write");
+//! # Ok::<(), zimage_pipeline::PipelineError>(())
+//! ```
+
+mod error;
+mod folder;
+pub mod generator;
+mod options;
+mod pipeline;
+
+pub use error::PipelineError;
+pub use folder::{ModelFolder, Variant};
+pub use generator::{NoiseDtype, TorchGenerator};
+pub use options::{GenerateOptions, InitImage, Stage};
+pub use pipeline::{Event, Generation, ZImagePipeline};

@@ -1,0 +1,446 @@
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
+use image::imageops::FilterType;
+use image::{GrayImage, RgbImage};
+use zimage_scheduler::{calculate_shift, z_image_sigmas, FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerConfig};
+use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
+use zimage_transformer::ZImageTransformer2DModel;
+use zimage_vae::AutoencoderKL;
+
+use crate::options::{GenerateOptions, Stage};
+use crate::{ModelFolder, NoiseDtype, PipelineError, TorchGenerator, Variant};
+
+/// What the pipeline reports while it works. Returning `ControlFlow::Break` from the callback
+/// cancels the generation.
+#[derive(Debug)]
+pub enum Event<'a, B: Backend> {
+    /// A stage begins.
+    Stage(Stage),
+    /// A component finished loading.
+    Loaded { stage: Stage, elapsed: Duration },
+    /// A denoising step finished; `latents` are the f32 latents after it.
+    Step { step: usize, total: usize, latents: &'a Tensor<B, 4> },
+}
+
+/// Images and the latents they were decoded from.
+#[derive(Debug)]
+pub struct Generation<B: Backend> {
+    /// `prompts x num_images_per_prompt` images, grouped by prompt.
+    pub images: Vec<RgbImage>,
+    /// Final latents, `[images, 16, height / 8, width / 8]`, f32 (before VAE scaling is undone).
+    pub latents: Tensor<B, 4>,
+}
+
+/// Z-Image text-to-image, image-to-image and inpainting (`ZImagePipeline`,
+/// `ZImageImg2ImgPipeline`, `ZImageInpaintPipeline` in diffusers).
+///
+/// Components are loaded when first needed and, unless `keep_models` is set, freed as soon as
+/// the generation no longer needs them: the text encoder after the prompts are encoded, the
+/// transformer after denoising. Only one large component is resident at a time that way.
+pub struct ZImagePipeline<B: Backend> {
+    folder: ModelFolder,
+    device: B::Device,
+    dtype: DType,
+    keep_models: bool,
+    tokenizer: PromptTokenizer,
+    scheduler_config: FlowMatchEulerDiscreteSchedulerConfig,
+    text_encoder: Option<Qwen3TextEncoder<B>>,
+    transformer: Option<ZImageTransformer2DModel<B>>,
+    vae: Option<AutoencoderKL<B>>,
+}
+
+impl<B: Backend> ZImagePipeline<B> {
+    /// Opens a model folder (Hugging Face layout); weights load on first use, cast to `dtype`.
+    pub fn new(folder: ModelFolder, device: &B::Device, dtype: DType) -> Result<Self, PipelineError> {
+        let tokenizer = PromptTokenizer::from_folder(folder.tokenizer())?;
+        let scheduler_config = FlowMatchEulerDiscreteSchedulerConfig::from_file(folder.scheduler_config())?;
+        Ok(Self {
+            folder,
+            device: device.clone(),
+            dtype,
+            keep_models: false,
+            tokenizer,
+            scheduler_config,
+            text_encoder: None,
+            transformer: None,
+            vae: None,
+        })
+    }
+
+    /// Keeps every component resident after use (servers, repeated generations).
+    pub fn keep_models(mut self, keep: bool) -> Self {
+        self.keep_models = keep;
+        self
+    }
+
+    pub fn variant(&self) -> Variant {
+        self.folder.variant()
+    }
+
+    pub fn folder(&self) -> &ModelFolder {
+        &self.folder
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Options with this model's defaults.
+    pub fn options(&self, prompt: impl Into<String>) -> GenerateOptions {
+        GenerateOptions::new(prompt, self.variant())
+    }
+
+    /// Loads every component now (they stay resident if `keep_models` is set).
+    pub fn load_all(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+        self.ensure_text_encoder(events)?;
+        self.ensure_transformer(events)?;
+        self.ensure_vae(events)
+    }
+
+    fn ensure_text_encoder(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+        if self.text_encoder.is_none() {
+            let start = Instant::now();
+            let _ = events(Event::Stage(Stage::LoadingTextEncoder));
+            self.text_encoder = Some(Qwen3TextEncoder::from_folder(self.folder.text_encoder(), &self.device, self.dtype)?);
+            let _ = events(Event::Loaded { stage: Stage::LoadingTextEncoder, elapsed: start.elapsed() });
+        }
+        Ok(())
+    }
+
+    fn ensure_transformer(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+        if self.transformer.is_none() {
+            let start = Instant::now();
+            let _ = events(Event::Stage(Stage::LoadingTransformer));
+            self.transformer =
+                Some(ZImageTransformer2DModel::from_folder(self.folder.transformer(), &self.device, self.dtype)?);
+            let _ = events(Event::Loaded { stage: Stage::LoadingTransformer, elapsed: start.elapsed() });
+        }
+        Ok(())
+    }
+
+    fn ensure_vae(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+        if self.vae.is_none() {
+            let start = Instant::now();
+            let _ = events(Event::Stage(Stage::LoadingVae));
+            self.vae = Some(AutoencoderKL::from_folder(self.folder.vae(), &self.device, self.dtype)?);
+            let _ = events(Event::Loaded { stage: Stage::LoadingVae, elapsed: start.elapsed() });
+        }
+        Ok(())
+    }
+
+    /// Runs one generation.
+    pub fn generate(
+        &mut self,
+        options: &GenerateOptions,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<Generation<B>, PipelineError> {
+        let latents = self.denoise(options, events)?;
+        self.ensure_vae(events)?;
+        let vae = self.vae.as_ref().expect("loaded above");
+        let _ = events(Event::Stage(Stage::Decoding));
+        let z = vae.unscale_latents(latents.clone().cast(vae.dtype()));
+        let decoded = match &options.vae_tiling {
+            Some(tiling) => vae.decode_tiled(z, tiling)?,
+            None => vae.decode(z)?,
+        };
+        let images = zimage_vae::tensor_to_images(decoded)?;
+        if !self.keep_models {
+            self.vae = None;
+        }
+        Ok(Generation { images, latents })
+    }
+
+    /// Everything up to the final latents (diffusers' `output_type="latent"`).
+    pub fn denoise(
+        &mut self,
+        options: &GenerateOptions,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>, PipelineError> {
+        let plan = self.plan(options)?;
+        let guidance = options.guidance_enabled();
+
+        // Prompts: features per prompt, then per image.
+        self.ensure_text_encoder(events)?;
+        let encoder = self.text_encoder.as_ref().expect("loaded above");
+        let _ = events(Event::Stage(Stage::EncodingPrompts));
+        let positive = encoder.encode_prompts(&self.tokenizer, &options.prompts, options.max_sequence_length)?;
+        let negative = if guidance {
+            let negatives = options
+                .negative_prompts
+                .clone()
+                .unwrap_or_else(|| vec![String::new(); options.prompts.len()]);
+            encoder.encode_prompts(&self.tokenizer, &negatives, options.max_sequence_length)?
+        } else {
+            Vec::new()
+        };
+        if !self.keep_models {
+            self.text_encoder = None;
+        }
+        let per_image = |features: Vec<Tensor<B, 2>>| -> Vec<Tensor<B, 2>> {
+            features
+                .into_iter()
+                .flat_map(|f| std::iter::repeat(f).take(options.num_images_per_prompt))
+                .collect()
+        };
+        let positive = per_image(positive);
+        let negative = per_image(negative);
+        let prompt_dtype = positive.first().map(Tensor::dtype).unwrap_or(self.dtype);
+
+        // Schedule: Z-Image's sigmas (or the caller's), shifted; img2img starts part-way.
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
+        let mu = calculate_shift(plan.latent_height / 2 * (plan.latent_width / 2), &self.scheduler_config);
+        let sigmas = options.sigmas.clone().unwrap_or_else(|| z_image_sigmas(options.num_inference_steps));
+        scheduler.set_timesteps(None, Some(&sigmas), Some(mu))?;
+        let steps = sigmas.len();
+        let t_start = match &options.init_image {
+            Some(init) => {
+                let kept = (steps as f64 * init.strength).min(steps as f64);
+                (steps as f64 - kept).max(0.0) as usize
+            }
+            None => 0,
+        };
+        if t_start >= steps {
+            return Err(PipelineError::Invalid(format!(
+                "strength {} leaves no denoising step out of {steps}",
+                options.init_image.as_ref().map(|i| i.strength).unwrap_or(1.0)
+            )));
+        }
+        scheduler.set_begin_index(t_start);
+        let timesteps: Vec<f32> = scheduler.timesteps()[t_start..].to_vec();
+
+        let mut generator = TorchGenerator::manual_seed(options.seed);
+        let batch = plan.batch;
+        let shape = [batch, plan.channels, plan.latent_height, plan.latent_width];
+        let mut inpaint: Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> = None;
+        let mut latents = match &options.init_image {
+            None => noise::<B>(&self.device, &mut generator, shape, DType::F32),
+            Some(init) => {
+                // The posterior sample draws from the generator before the noise does.
+                let image = prepare_image(&init.image, options.width, options.height);
+                self.ensure_vae(events)?;
+                let vae = self.vae.as_ref().expect("loaded above");
+                let _ = events(Event::Stage(Stage::EncodingImage));
+                let pixels = zimage_vae::image_to_tensor::<B>(&image, &self.device, DType::F32).cast(prompt_dtype);
+                let posterior = match &options.vae_tiling {
+                    Some(tiling) => vae.encode_tiled(pixels, tiling)?,
+                    None => vae.encode(pixels)?,
+                };
+                let mean_shape: [usize; 4] = posterior.mode().dims();
+                let vae_dtype = vae.dtype();
+                let sample_noise = noise::<B>(&self.device, &mut generator, mean_shape, vae_dtype);
+                let image_latents = vae.scale_latents(posterior.sample(sample_noise)?);
+                let image_latents = image_latents.repeat_dim(0, batch);
+                let noise = noise::<B>(&self.device, &mut generator, shape, prompt_dtype);
+                let latents = scheduler.scale_noise(image_latents.clone().cast(prompt_dtype), noise.clone());
+                if let Some(mask) = &init.mask {
+                    let mask = prepare_mask::<B>(mask, options.width, options.height, plan.latent_height, plan.latent_width, &self.device)
+                        .repeat_dim(0, batch);
+                    inpaint = Some((mask, image_latents, noise));
+                }
+                latents
+            }
+        };
+        if !self.keep_models {
+            self.vae = None;
+        }
+
+        self.ensure_transformer(events)?;
+        let transformer = self.transformer.as_ref().expect("loaded above");
+        let model_dtype = transformer.dtype();
+        let _ = events(Event::Stage(Stage::Denoising));
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let t_model = (1000.0 - t) / 1000.0;
+            let scale = if guidance && options.cfg_truncation <= 1.0 && t_model as f64 > options.cfg_truncation {
+                0.0
+            } else {
+                options.guidance_scale
+            };
+            let apply_cfg = guidance && scale > 0.0;
+            let inputs: Vec<Tensor<B, 4>> = (0..batch)
+                .map(|j| latents.clone().narrow(0, j, 1).cast(model_dtype).reshape([plan.channels, 1, plan.latent_height, plan.latent_width]))
+                .collect();
+            let (inputs, captions) = if apply_cfg {
+                let doubled: Vec<_> = inputs.iter().chain(&inputs).cloned().collect();
+                (doubled, positive.iter().chain(&negative).cloned().collect::<Vec<_>>())
+            } else {
+                (inputs, positive.clone())
+            };
+            let timestep_input = vec![t_model; inputs.len()];
+            let out = transformer.forward(&inputs, &timestep_input, &captions)?;
+            let preds: Vec<Tensor<B, 4>> = (0..batch)
+                .map(|j| {
+                    let pos = out[j].clone().cast(DType::F32);
+                    if !apply_cfg {
+                        return pos;
+                    }
+                    let neg = out[batch + j].clone().cast(DType::F32);
+                    let pred = pos.clone() + (pos.clone() - neg).mul_scalar(scale);
+                    if options.cfg_normalization > 0.0 {
+                        renormalize(pred, &pos, options.cfg_normalization)
+                    } else {
+                        pred
+                    }
+                })
+                .collect();
+            // The model predicts x0 - noise; the scheduler integrates noise - x0.
+            let velocity = Tensor::cat(preds, 0)
+                .reshape([batch, plan.channels, plan.latent_height, plan.latent_width])
+                .neg();
+            latents = scheduler.step(velocity, latents)?;
+            if let Some((mask, image_latents, noise)) = &inpaint {
+                // Keep the unmasked region: the original latents re-noised to the next sigma.
+                let proper = if i + 1 < total {
+                    scheduler.scale_noise(image_latents.clone().cast(prompt_dtype), noise.clone())
+                } else {
+                    image_latents.clone()
+                };
+                let mask = mask.clone().cast(DType::F32);
+                latents = (mask.ones_like() - mask.clone()) * proper.cast(DType::F32) + mask * latents;
+            }
+            if options.check_finite {
+                let finite = latents.clone().is_finite().all().int().into_scalar().elem::<i64>() == 1;
+                if !finite {
+                    return Err(PipelineError::NonFinite { step: i + 1, total });
+                }
+            }
+            if events(Event::Step { step: i + 1, total, latents: &latents }).is_break() {
+                return Err(PipelineError::Cancelled { step: i + 1 });
+            }
+        }
+        if !self.keep_models {
+            self.transformer = None;
+        }
+        Ok(latents)
+    }
+
+    /// Checks a request against the model and works out the latent geometry.
+    fn plan(&self, options: &GenerateOptions) -> Result<Plan, PipelineError> {
+        let invalid = |reason: String| Err(PipelineError::Invalid(reason));
+        if options.prompts.is_empty() {
+            return invalid("no prompt given".into());
+        }
+        if let Some(negatives) = &options.negative_prompts {
+            if negatives.len() != options.prompts.len() {
+                return invalid(format!(
+                    "{} negative prompts for {} prompts",
+                    negatives.len(),
+                    options.prompts.len()
+                ));
+            }
+        }
+        // The VAE halves the size per block after the first, the DiT patches 2x2 latents.
+        let vae_config = zimage_vae::AutoencoderKLConfig::from_file(self.folder.vae().join("config.json"))?;
+        let multiple = vae_config.downscale_factor() * 2;
+        if options.width == 0 || options.height == 0 || options.width % multiple != 0 || options.height % multiple != 0 {
+            return invalid(format!(
+                "width and height must be positive multiples of {multiple} (got {}x{})",
+                options.width, options.height
+            ));
+        }
+        if options.sigmas.is_none() && options.num_inference_steps == 0 {
+            return invalid("at least one inference step is needed".into());
+        }
+        if options.num_images_per_prompt == 0 {
+            return invalid("num_images_per_prompt must be at least 1".into());
+        }
+        if !(options.guidance_scale >= 0.0) || !options.guidance_scale.is_finite() {
+            return invalid(format!("guidance scale {} must be finite and >= 0", options.guidance_scale));
+        }
+        if !(options.cfg_normalization >= 0.0) {
+            return invalid(format!("cfg normalization {} must be >= 0 (0 is off)", options.cfg_normalization));
+        }
+        if options.max_sequence_length == 0 {
+            return invalid("max_sequence_length must be at least 1".into());
+        }
+        if let Some(init) = &options.init_image {
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return invalid(format!("strength {} is outside (0, 1]", init.strength));
+            }
+        }
+        let transformer_config =
+            zimage_transformer::ZImageTransformerConfig::from_file(self.folder.transformer().join("config.json"))?;
+        Ok(Plan {
+            batch: options.prompts.len() * options.num_images_per_prompt,
+            channels: transformer_config.in_channels,
+            latent_height: 2 * (options.height / multiple),
+            latent_width: 2 * (options.width / multiple),
+        })
+    }
+}
+
+struct Plan {
+    batch: usize,
+    channels: usize,
+    latent_height: usize,
+    latent_width: usize,
+}
+
+/// Standard normal noise from the torch-compatible generator, drawn as a `dtype` tensor draws it.
+fn noise<B: Backend>(device: &B::Device, generator: &mut TorchGenerator, shape: [usize; 4], dtype: DType) -> Tensor<B, 4> {
+    let draw = match dtype {
+        DType::BF16 => NoiseDtype::BF16,
+        DType::F64 => NoiseDtype::F64,
+        _ => NoiseDtype::F32,
+    };
+    let values = generator.randn(shape.iter().product(), draw);
+    Tensor::<B, 4>::from_data(TensorData::new(values, shape), (device, DType::F32)).cast(dtype)
+}
+
+/// Scales `pred` down so that its norm is at most `factor * ||pos||` (norms over the whole image).
+fn renormalize<B: Backend>(pred: Tensor<B, 4>, pos: &Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
+    let norm = |t: &Tensor<B, 4>| t.clone().square().sum().sqrt().into_scalar().elem::<f32>();
+    let max_norm = norm(pos) * factor;
+    let new_norm = norm(&pred);
+    if new_norm > max_norm {
+        pred.mul_scalar(max_norm / new_norm)
+    } else {
+        pred
+    }
+}
+
+/// The input image at the output size (Lanczos when it must be resized; diffusers' default size
+/// is the image's own, rounded down to the VAE multiple, which the caller passes).
+fn prepare_image(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    if image.width() as usize == width && image.height() as usize == height {
+        image.clone()
+    } else {
+        image::imageops::resize(image, width as u32, height as u32, FilterType::Lanczos3)
+    }
+}
+
+/// The mask as diffusers' mask processor leaves it: grayscale, resized to the output size,
+/// binarised at 0.5, then resized to the latent grid by nearest neighbour.
+///
+/// # Shapes
+/// -> `[1, 1, latent_height, latent_width]`, f32
+fn prepare_mask<B: Backend>(
+    mask: &GrayImage,
+    width: usize,
+    height: usize,
+    latent_height: usize,
+    latent_width: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mask = if mask.width() as usize == width && mask.height() as usize == height {
+        mask.clone()
+    } else {
+        image::imageops::resize(mask, width as u32, height as u32, FilterType::Lanczos3)
+    };
+    // `F.interpolate(mode="nearest")`: source index floor(dst * in / out).
+    let scale_y = height as f32 / latent_height as f32;
+    let scale_x = width as f32 / latent_width as f32;
+    let mut values = Vec::with_capacity(latent_height * latent_width);
+    for y in 0..latent_height {
+        let sy = ((y as f32 * scale_y) as usize).min(height - 1);
+        for x in 0..latent_width {
+            let sx = ((x as f32 * scale_x) as usize).min(width - 1);
+            let v = mask.get_pixel(sx as u32, sy as u32).0[0] as f32 / 255.0;
+            values.push(if v < 0.5 { 0.0 } else { 1.0 });
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [1, 1, latent_height, latent_width]), (device, DType::F32))
+}
