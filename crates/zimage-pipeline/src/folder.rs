@@ -62,12 +62,15 @@ impl ModelFolder {
         }
         let index_path = root.join("model_index.json");
         let index: Value = serde_json::from_str(
-            &std::fs::read_to_string(&index_path).map_err(|e| fail(format!("cannot read model_index.json ({e})")))?,
+            &std::fs::read_to_string(&index_path)
+                .map_err(|e| fail(format!("cannot read model_index.json ({e})")))?,
         )
         .map_err(|e| fail(format!("model_index.json is not valid JSON ({e})")))?;
         if let Some(class) = index.get("_class_name").and_then(Value::as_str) {
             if !class.starts_with("ZImage") {
-                return Err(fail(format!("model_index.json describes a {class}, not a ZImagePipeline")));
+                return Err(fail(format!(
+                    "model_index.json describes a {class}, not a ZImagePipeline"
+                )));
             }
         }
         for (part, file) in PARTS {

@@ -27,7 +27,9 @@ pub struct TorchGenerator {
 
 impl std::fmt::Debug for TorchGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchGenerator").field("index", &self.index).finish_non_exhaustive()
+        f.debug_struct("TorchGenerator")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,7 +102,11 @@ impl TorchGenerator {
 
     /// `at::normal_distribution<double>` with its cached second sample.
     fn normal_f64(&mut self, float_cache: bool) -> f64 {
-        let cache = if float_cache { &mut self.next_float_normal } else { &mut self.next_double_normal };
+        let cache = if float_cache {
+            &mut self.next_float_normal
+        } else {
+            &mut self.next_double_normal
+        };
         if let Some(value) = cache.take() {
             return value;
         }
@@ -108,7 +114,11 @@ impl TorchGenerator {
         let u2 = self.uniform_f64();
         let r = (-2.0 * (-u2).ln_1p()).sqrt();
         let theta = 2.0 * PI * u1;
-        let cache = if float_cache { &mut self.next_float_normal } else { &mut self.next_double_normal };
+        let cache = if float_cache {
+            &mut self.next_float_normal
+        } else {
+            &mut self.next_double_normal
+        };
         *cache = Some(r * theta.sin());
         r * theta.cos()
     }
@@ -160,7 +170,9 @@ impl TorchGenerator {
     /// channels); for other sizes ATen places the last, ragged block differently.
     pub fn randn_bf16(&mut self, numel: usize) -> Vec<bf16> {
         if numel < 16 {
-            return (0..numel).map(|_| bf16::from_f32(self.normal_f64(false) as f32)).collect();
+            return (0..numel)
+                .map(|_| bf16::from_f32(self.normal_f64(false) as f32))
+                .collect();
         }
         let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
         let fill = |block: &mut [f32]| {
@@ -178,7 +190,12 @@ impl TorchGenerator {
     }
 
     /// Box-Muller over full blocks of 16, then the last 16 redrawn if the size is ragged.
-    fn fill_blocks<T: Copy>(&mut self, data: &mut [T], fill: impl Fn(&mut [T]), uniform: fn(&mut Self) -> T) {
+    fn fill_blocks<T: Copy>(
+        &mut self,
+        data: &mut [T],
+        fill: impl Fn(&mut [T]),
+        uniform: fn(&mut Self) -> T,
+    ) {
         let numel = data.len();
         let mut i = 0;
         while i + 16 <= numel {
@@ -198,7 +215,11 @@ impl TorchGenerator {
     pub fn randn(&mut self, numel: usize, dtype: NoiseDtype) -> Vec<f32> {
         match dtype {
             NoiseDtype::F32 => self.randn_f32(numel),
-            NoiseDtype::F64 => self.randn_f64(numel).into_iter().map(|x| x as f32).collect(),
+            NoiseDtype::F64 => self
+                .randn_f64(numel)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
             NoiseDtype::BF16 => self.randn_bf16(numel).into_iter().map(f32::from).collect(),
         }
     }

@@ -5,7 +5,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
-use zimage_scheduler::{calculate_shift, z_image_sigmas, FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerConfig};
+use zimage_scheduler::{
+    calculate_shift, z_image_sigmas, FlowMatchEulerDiscreteScheduler,
+    FlowMatchEulerDiscreteSchedulerConfig,
+};
 use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
 use zimage_transformer::ZImageTransformer2DModel;
 use zimage_vae::AutoencoderKL;
@@ -22,7 +25,11 @@ pub enum Event<'a, B: Backend> {
     /// A component finished loading.
     Loaded { stage: Stage, elapsed: Duration },
     /// A denoising step finished; `latents` are the f32 latents after it.
-    Step { step: usize, total: usize, latents: &'a Tensor<B, 4> },
+    Step {
+        step: usize,
+        total: usize,
+        latents: &'a Tensor<B, 4>,
+    },
 }
 
 /// Images and the latents they were decoded from.
@@ -47,6 +54,8 @@ pub struct ZImagePipeline<B: Backend> {
     keep_models: bool,
     tokenizer: PromptTokenizer,
     scheduler_config: FlowMatchEulerDiscreteSchedulerConfig,
+    vae_config: zimage_vae::AutoencoderKLConfig,
+    transformer_config: zimage_transformer::ZImageTransformerConfig,
     text_encoder: Option<Qwen3TextEncoder<B>>,
     transformer: Option<ZImageTransformer2DModel<B>>,
     vae: Option<AutoencoderKL<B>>,
@@ -54,9 +63,19 @@ pub struct ZImagePipeline<B: Backend> {
 
 impl<B: Backend> ZImagePipeline<B> {
     /// Opens a model folder (Hugging Face layout); weights load on first use, cast to `dtype`.
-    pub fn new(folder: ModelFolder, device: &B::Device, dtype: DType) -> Result<Self, PipelineError> {
+    pub fn new(
+        folder: ModelFolder,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, PipelineError> {
         let tokenizer = PromptTokenizer::from_folder(folder.tokenizer())?;
-        let scheduler_config = FlowMatchEulerDiscreteSchedulerConfig::from_file(folder.scheduler_config())?;
+        let scheduler_config =
+            FlowMatchEulerDiscreteSchedulerConfig::from_file(folder.scheduler_config())?;
+        let vae_config =
+            zimage_vae::AutoencoderKLConfig::from_file(folder.vae().join("config.json"))?;
+        let transformer_config = zimage_transformer::ZImageTransformerConfig::from_file(
+            folder.transformer().join("config.json"),
+        )?;
         Ok(Self {
             folder,
             device: device.clone(),
@@ -64,6 +83,8 @@ impl<B: Backend> ZImagePipeline<B> {
             keep_models: false,
             tokenizer,
             scheduler_config,
+            vae_config,
+            transformer_config,
             text_encoder: None,
             transformer: None,
             vae: None,
@@ -88,45 +109,87 @@ impl<B: Backend> ZImagePipeline<B> {
         self.dtype
     }
 
+    /// Width and height must be multiples of this: the VAE's downscale factor times the DiT's
+    /// 2x2 patch (16 for the published model).
+    pub fn size_multiple(&self) -> usize {
+        self.vae_config.downscale_factor() * 2
+    }
+
+    pub fn vae_config(&self) -> &zimage_vae::AutoencoderKLConfig {
+        &self.vae_config
+    }
+
     /// Options with this model's defaults.
     pub fn options(&self, prompt: impl Into<String>) -> GenerateOptions {
         GenerateOptions::new(prompt, self.variant())
     }
 
     /// Loads every component now (they stay resident if `keep_models` is set).
-    pub fn load_all(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+    pub fn load_all(
+        &mut self,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<(), PipelineError> {
         self.ensure_text_encoder(events)?;
         self.ensure_transformer(events)?;
         self.ensure_vae(events)
     }
 
-    fn ensure_text_encoder(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+    fn ensure_text_encoder(
+        &mut self,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<(), PipelineError> {
         if self.text_encoder.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingTextEncoder));
-            self.text_encoder = Some(Qwen3TextEncoder::from_folder(self.folder.text_encoder(), &self.device, self.dtype)?);
-            let _ = events(Event::Loaded { stage: Stage::LoadingTextEncoder, elapsed: start.elapsed() });
+            self.text_encoder = Some(Qwen3TextEncoder::from_folder(
+                self.folder.text_encoder(),
+                &self.device,
+                self.dtype,
+            )?);
+            let _ = events(Event::Loaded {
+                stage: Stage::LoadingTextEncoder,
+                elapsed: start.elapsed(),
+            });
         }
         Ok(())
     }
 
-    fn ensure_transformer(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+    fn ensure_transformer(
+        &mut self,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<(), PipelineError> {
         if self.transformer.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingTransformer));
-            self.transformer =
-                Some(ZImageTransformer2DModel::from_folder(self.folder.transformer(), &self.device, self.dtype)?);
-            let _ = events(Event::Loaded { stage: Stage::LoadingTransformer, elapsed: start.elapsed() });
+            self.transformer = Some(ZImageTransformer2DModel::from_folder(
+                self.folder.transformer(),
+                &self.device,
+                self.dtype,
+            )?);
+            let _ = events(Event::Loaded {
+                stage: Stage::LoadingTransformer,
+                elapsed: start.elapsed(),
+            });
         }
         Ok(())
     }
 
-    fn ensure_vae(&mut self, events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>) -> Result<(), PipelineError> {
+    fn ensure_vae(
+        &mut self,
+        events: &mut dyn FnMut(Event<'_, B>) -> ControlFlow<()>,
+    ) -> Result<(), PipelineError> {
         if self.vae.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingVae));
-            self.vae = Some(AutoencoderKL::from_folder(self.folder.vae(), &self.device, self.dtype)?);
-            let _ = events(Event::Loaded { stage: Stage::LoadingVae, elapsed: start.elapsed() });
+            self.vae = Some(AutoencoderKL::from_folder(
+                self.folder.vae(),
+                &self.device,
+                self.dtype,
+            )?);
+            let _ = events(Event::Loaded {
+                stage: Stage::LoadingVae,
+                elapsed: start.elapsed(),
+            });
         }
         Ok(())
     }
@@ -166,7 +229,11 @@ impl<B: Backend> ZImagePipeline<B> {
         self.ensure_text_encoder(events)?;
         let encoder = self.text_encoder.as_ref().expect("loaded above");
         let _ = events(Event::Stage(Stage::EncodingPrompts));
-        let positive = encoder.encode_prompts(&self.tokenizer, &options.prompts, options.max_sequence_length)?;
+        let positive = encoder.encode_prompts(
+            &self.tokenizer,
+            &options.prompts,
+            options.max_sequence_length,
+        )?;
         let negative = if guidance {
             let negatives = options
                 .negative_prompts
@@ -191,8 +258,14 @@ impl<B: Backend> ZImagePipeline<B> {
 
         // Schedule: Z-Image's sigmas (or the caller's), shifted; img2img starts part-way.
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
-        let mu = calculate_shift(plan.latent_height / 2 * (plan.latent_width / 2), &self.scheduler_config);
-        let sigmas = options.sigmas.clone().unwrap_or_else(|| z_image_sigmas(options.num_inference_steps));
+        let mu = calculate_shift(
+            plan.latent_height / 2 * (plan.latent_width / 2),
+            &self.scheduler_config,
+        );
+        let sigmas = options
+            .sigmas
+            .clone()
+            .unwrap_or_else(|| z_image_sigmas(options.num_inference_steps));
         scheduler.set_timesteps(None, Some(&sigmas), Some(mu))?;
         let steps = sigmas.len();
         let t_start = match &options.init_image {
@@ -205,7 +278,11 @@ impl<B: Backend> ZImagePipeline<B> {
         if t_start >= steps {
             return Err(PipelineError::Invalid(format!(
                 "strength {} leaves no denoising step out of {steps}",
-                options.init_image.as_ref().map(|i| i.strength).unwrap_or(1.0)
+                options
+                    .init_image
+                    .as_ref()
+                    .map(|i| i.strength)
+                    .unwrap_or(1.0)
             )));
         }
         scheduler.set_begin_index(t_start);
@@ -223,7 +300,8 @@ impl<B: Backend> ZImagePipeline<B> {
                 self.ensure_vae(events)?;
                 let vae = self.vae.as_ref().expect("loaded above");
                 let _ = events(Event::Stage(Stage::EncodingImage));
-                let pixels = zimage_vae::image_to_tensor::<B>(&image, &self.device, DType::F32).cast(prompt_dtype);
+                let pixels = zimage_vae::image_to_tensor::<B>(&image, &self.device, DType::F32)
+                    .cast(prompt_dtype);
                 let posterior = match &options.vae_tiling {
                     Some(tiling) => vae.encode_tiled(pixels, tiling)?,
                     None => vae.encode(pixels)?,
@@ -234,10 +312,18 @@ impl<B: Backend> ZImagePipeline<B> {
                 let image_latents = vae.scale_latents(posterior.sample(sample_noise)?);
                 let image_latents = image_latents.repeat_dim(0, batch);
                 let noise = noise::<B>(&self.device, &mut generator, shape, prompt_dtype);
-                let latents = scheduler.scale_noise(image_latents.clone().cast(prompt_dtype), noise.clone());
+                let latents =
+                    scheduler.scale_noise(image_latents.clone().cast(prompt_dtype), noise.clone());
                 if let Some(mask) = &init.mask {
-                    let mask = prepare_mask::<B>(mask, options.width, options.height, plan.latent_height, plan.latent_width, &self.device)
-                        .repeat_dim(0, batch);
+                    let mask = prepare_mask::<B>(
+                        mask,
+                        options.width,
+                        options.height,
+                        plan.latent_height,
+                        plan.latent_width,
+                        &self.device,
+                    )
+                    .repeat_dim(0, batch);
                     inpaint = Some((mask, image_latents, noise));
                 }
                 latents
@@ -254,18 +340,35 @@ impl<B: Backend> ZImagePipeline<B> {
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let t_model = (1000.0 - t) / 1000.0;
-            let scale = if guidance && options.cfg_truncation <= 1.0 && t_model as f64 > options.cfg_truncation {
+            let scale = if guidance
+                && options.cfg_truncation <= 1.0
+                && t_model as f64 > options.cfg_truncation
+            {
                 0.0
             } else {
                 options.guidance_scale
             };
             let apply_cfg = guidance && scale > 0.0;
             let inputs: Vec<Tensor<B, 4>> = (0..batch)
-                .map(|j| latents.clone().narrow(0, j, 1).cast(model_dtype).reshape([plan.channels, 1, plan.latent_height, plan.latent_width]))
+                .map(|j| {
+                    latents.clone().narrow(0, j, 1).cast(model_dtype).reshape([
+                        plan.channels,
+                        1,
+                        plan.latent_height,
+                        plan.latent_width,
+                    ])
+                })
                 .collect();
             let (inputs, captions) = if apply_cfg {
                 let doubled: Vec<_> = inputs.iter().chain(&inputs).cloned().collect();
-                (doubled, positive.iter().chain(&negative).cloned().collect::<Vec<_>>())
+                (
+                    doubled,
+                    positive
+                        .iter()
+                        .chain(&negative)
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                )
             } else {
                 (inputs, positive.clone())
             };
@@ -299,15 +402,29 @@ impl<B: Backend> ZImagePipeline<B> {
                     image_latents.clone()
                 };
                 let mask = mask.clone().cast(DType::F32);
-                latents = (mask.ones_like() - mask.clone()) * proper.cast(DType::F32) + mask * latents;
+                latents =
+                    (mask.ones_like() - mask.clone()) * proper.cast(DType::F32) + mask * latents;
             }
             if options.check_finite {
-                let finite = latents.clone().is_finite().all().int().into_scalar().elem::<i64>() == 1;
+                let finite = latents
+                    .clone()
+                    .is_finite()
+                    .all()
+                    .int()
+                    .into_scalar()
+                    .elem::<i64>()
+                    == 1;
                 if !finite {
                     return Err(PipelineError::NonFinite { step: i + 1, total });
                 }
             }
-            if events(Event::Step { step: i + 1, total, latents: &latents }).is_break() {
+            if events(Event::Step {
+                step: i + 1,
+                total,
+                latents: &latents,
+            })
+            .is_break()
+            {
                 return Err(PipelineError::Cancelled { step: i + 1 });
             }
         }
@@ -332,10 +449,12 @@ impl<B: Backend> ZImagePipeline<B> {
                 ));
             }
         }
-        // The VAE halves the size per block after the first, the DiT patches 2x2 latents.
-        let vae_config = zimage_vae::AutoencoderKLConfig::from_file(self.folder.vae().join("config.json"))?;
-        let multiple = vae_config.downscale_factor() * 2;
-        if options.width == 0 || options.height == 0 || options.width % multiple != 0 || options.height % multiple != 0 {
+        let multiple = self.size_multiple();
+        if options.width == 0
+            || options.height == 0
+            || options.width % multiple != 0
+            || options.height % multiple != 0
+        {
             return invalid(format!(
                 "width and height must be positive multiples of {multiple} (got {}x{})",
                 options.width, options.height
@@ -348,10 +467,16 @@ impl<B: Backend> ZImagePipeline<B> {
             return invalid("num_images_per_prompt must be at least 1".into());
         }
         if !(options.guidance_scale >= 0.0) || !options.guidance_scale.is_finite() {
-            return invalid(format!("guidance scale {} must be finite and >= 0", options.guidance_scale));
+            return invalid(format!(
+                "guidance scale {} must be finite and >= 0",
+                options.guidance_scale
+            ));
         }
         if !(options.cfg_normalization >= 0.0) {
-            return invalid(format!("cfg normalization {} must be >= 0 (0 is off)", options.cfg_normalization));
+            return invalid(format!(
+                "cfg normalization {} must be >= 0 (0 is off)",
+                options.cfg_normalization
+            ));
         }
         if options.max_sequence_length == 0 {
             return invalid("max_sequence_length must be at least 1".into());
@@ -361,11 +486,9 @@ impl<B: Backend> ZImagePipeline<B> {
                 return invalid(format!("strength {} is outside (0, 1]", init.strength));
             }
         }
-        let transformer_config =
-            zimage_transformer::ZImageTransformerConfig::from_file(self.folder.transformer().join("config.json"))?;
         Ok(Plan {
             batch: options.prompts.len() * options.num_images_per_prompt,
-            channels: transformer_config.in_channels,
+            channels: self.transformer_config.in_channels,
             latent_height: 2 * (options.height / multiple),
             latent_width: 2 * (options.width / multiple),
         })
@@ -380,7 +503,12 @@ struct Plan {
 }
 
 /// Standard normal noise from the torch-compatible generator, drawn as a `dtype` tensor draws it.
-fn noise<B: Backend>(device: &B::Device, generator: &mut TorchGenerator, shape: [usize; 4], dtype: DType) -> Tensor<B, 4> {
+fn noise<B: Backend>(
+    device: &B::Device,
+    generator: &mut TorchGenerator,
+    shape: [usize; 4],
+    dtype: DType,
+) -> Tensor<B, 4> {
     let draw = match dtype {
         DType::BF16 => NoiseDtype::BF16,
         DType::F64 => NoiseDtype::F64,
@@ -442,5 +570,8 @@ fn prepare_mask<B: Backend>(
             values.push(if v < 0.5 { 0.0 } else { 1.0 });
         }
     }
-    Tensor::from_data(TensorData::new(values, [1, 1, latent_height, latent_width]), (device, DType::F32))
+    Tensor::from_data(
+        TensorData::new(values, [1, 1, latent_height, latent_width]),
+        (device, DType::F32),
+    )
 }

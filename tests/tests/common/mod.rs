@@ -11,8 +11,13 @@ use safetensors::SafeTensors;
 
 pub type B = NdArray<f32>;
 
+/// `tests/fixtures` of the workspace, from whichever package's tests include this module.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join("tests/fixtures"))
+        .find(|dir| dir.is_dir())
+        .expect("tests/fixtures above the package")
 }
 
 /// The tensors of one recorded case file.

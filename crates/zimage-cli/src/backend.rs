@@ -1,0 +1,200 @@
+//! Choosing the burn backend and the float dtype at run time.
+
+use anyhow::{bail, Result};
+use burn::tensor::DType;
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The first that works of cuda, wgpu, ndarray.
+    Auto,
+    Cuda,
+    Wgpu,
+    Ndarray,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeChoice {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeChoice {
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeChoice::F32 => DType::F32,
+            DtypeChoice::Bf16 => DType::BF16,
+            DtypeChoice::F16 => DType::F16,
+        }
+    }
+}
+
+/// The name users type for a dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "an unsupported dtype",
+    }
+}
+
+/// A backend that is compiled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    #[cfg(feature = "cuda")]
+    Cuda,
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    #[cfg(feature = "ndarray")]
+    Ndarray,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => "cuda",
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => "wgpu",
+            #[cfg(feature = "ndarray")]
+            Backend::Ndarray => "ndarray",
+        }
+    }
+
+    /// The default dtype: bf16 where the backend computes in it, f32 elsewhere.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => DType::BF16,
+            #[allow(unreachable_patterns)]
+            _ => DType::F32,
+        }
+    }
+
+    /// Which dtypes the backend computes in.
+    pub fn check_dtype(self, dtype: DType) -> Result<()> {
+        let supported: &[DType] = match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => &[DType::F32, DType::BF16, DType::F16],
+            // burn-wgpu has no bf16 arithmetic.
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => &[DType::F32, DType::F16],
+            #[cfg(feature = "ndarray")]
+            Backend::Ndarray => &[DType::F32],
+        };
+        if !supported.contains(&dtype) {
+            let names: Vec<&str> = supported.iter().map(|&d| dtype_name(d)).collect();
+            bail!(
+                "the {} backend does not compute in {} (it supports {})",
+                self.name(),
+                dtype_name(dtype),
+                names.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Resolves the user's choice to a compiled-in backend whose device answers.
+pub fn resolve(choice: BackendChoice) -> Result<Backend> {
+    match choice {
+        BackendChoice::Auto => {
+            #[cfg(feature = "cuda")]
+            if probe(Backend::Cuda) {
+                return Ok(Backend::Cuda);
+            }
+            #[cfg(feature = "wgpu")]
+            if probe(Backend::Wgpu) {
+                return Ok(Backend::Wgpu);
+            }
+            #[cfg(feature = "ndarray")]
+            return Ok(Backend::Ndarray);
+            #[allow(unreachable_code)]
+            {
+                bail!("no backend is compiled in")
+            }
+        }
+        BackendChoice::Cuda => {
+            #[cfg(feature = "cuda")]
+            return Ok(Backend::Cuda);
+            #[allow(unreachable_code)]
+            {
+                bail!("this zimage was built without the cuda backend (cargo feature `cuda`)")
+            }
+        }
+        BackendChoice::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            return Ok(Backend::Wgpu);
+            #[allow(unreachable_code)]
+            {
+                bail!("this zimage was built without the wgpu backend (cargo feature `wgpu`)")
+            }
+        }
+        BackendChoice::Ndarray => {
+            #[cfg(feature = "ndarray")]
+            return Ok(Backend::Ndarray);
+            #[allow(unreachable_code)]
+            {
+                bail!("this zimage was built without the ndarray backend (cargo feature `ndarray`)")
+            }
+        }
+    }
+}
+
+/// Whether a small computation succeeds on the backend's default device (drivers are loaded at
+/// run time, so a build with the backend may run where it has no device).
+#[allow(dead_code)]
+fn probe(backend: Backend) -> bool {
+    let run = move || match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => tiny_op::<burn::backend::Cuda>(),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => tiny_op::<burn::backend::Wgpu>(),
+        #[cfg(feature = "ndarray")]
+        Backend::Ndarray => tiny_op::<burn::backend::NdArray>(),
+    };
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(run).unwrap_or(false);
+    std::panic::set_hook(hook);
+    ok
+}
+
+#[allow(dead_code)]
+fn tiny_op<B: burn::tensor::backend::Backend>() -> bool {
+    let device = B::Device::default();
+    let x = burn::tensor::Tensor::<B, 1>::ones([4], &device);
+    let sum: f32 = x
+        .sum()
+        .into_data()
+        .to_vec::<f32>()
+        .map(|v| v[0])
+        .unwrap_or(0.0);
+    sum == 4.0
+}
+
+/// Runs `$body` with `$B` bound to the concrete burn backend of `$backend`.
+#[macro_export]
+macro_rules! with_backend {
+    ($backend:expr, |$B:ident| $body:expr) => {
+        match $backend {
+            #[cfg(feature = "cuda")]
+            $crate::backend::Backend::Cuda => {
+                type $B = burn::backend::Cuda;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::backend::Backend::Wgpu => {
+                type $B = burn::backend::Wgpu;
+                $body
+            }
+            #[cfg(feature = "ndarray")]
+            $crate::backend::Backend::Ndarray => {
+                type $B = burn::backend::NdArray;
+                $body
+            }
+        }
+    };
+}

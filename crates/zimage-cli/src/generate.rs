@@ -1,0 +1,255 @@
+//! `zimage generate`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend as BurnBackend;
+use burn::tensor::DType;
+use clap::Args;
+use zimage_pipeline::{InitImage, ModelFolder, ZImagePipeline};
+use zimage_vae::TilingConfig;
+
+use crate::backend::{self, BackendChoice, DtypeChoice};
+use crate::output;
+use crate::progress::Progress;
+use crate::with_backend;
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// What to draw; give it several times for a batch of prompts.
+    #[arg(long, short, required = true)]
+    pub prompt: Vec<String>,
+    /// A model folder in the Hugging Face layout (model_index.json, transformer/, text_encoder/,
+    /// tokenizer/, vae/, scheduler/).
+    #[arg(long, default_value = "Tongyi-MAI/Z-Image-Turbo")]
+    pub model: String,
+    /// What to steer away from (used when guidance is on), for every prompt.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels, a multiple of 16 [default: 1024, or the input image's]
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 16 [default: 1024, or the input image's]
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps [default: 8 for Turbo, 50 for the base model]
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale; 0 turns guidance off [default: 0 for Turbo, 4 for the base model]
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f32>,
+    /// Caps the guided prediction's norm at this multiple of the positive one's; 0 is off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub cfg_normalization: f32,
+    /// Stops guidance once 1 - sigma exceeds this; 1 never stops it.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub cfg_truncation: f64,
+    /// Seed of the torch-compatible CPU generator (same seed, same picture as diffusers)
+    /// [default: random]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images to make per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Longest prompt, in tokens (the chat template included).
+    #[arg(long, default_value_t = 512)]
+    pub max_sequence_length: usize,
+    /// Custom sigmas before shifting, comma-separated (replaces the default schedule).
+    #[arg(long, value_delimiter = ',')]
+    pub sigmas: Option<Vec<f32>>,
+    /// Start from this image (image-to-image, or inpainting with --mask).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// How much of the input image to repaint, in (0, 1] [default: 0.6, 1 with --mask]
+    #[arg(long, allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// Inpainting mask: white is repainted, black kept. Needs --image.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Decode (and encode) with the VAE in tiles of this many pixels: less memory for large images.
+    #[arg(long)]
+    pub vae_tile: Option<usize>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Compute dtype [default: bf16 on cuda, f32 elsewhere]
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeChoice>,
+    /// Where to write the image (.png with the parameters embedded, or .jpg); several images
+    /// get -0, -1, ... before the extension, grouped by prompt.
+    #[arg(long, short, default_value = "zimage.png")]
+    pub output: PathBuf,
+    /// Keep every model resident (otherwise each is freed when no longer needed).
+    #[arg(long)]
+    pub keep_models: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    // Everything that needs no model is checked before anything loads.
+    if args.mask.is_some() && args.image.is_none() {
+        bail!("--mask needs --image (the picture to inpaint)");
+    }
+    if args.strength.is_some() && args.image.is_none() {
+        bail!("--strength applies only with --image");
+    }
+    if let Some(strength) = args.strength {
+        if !(strength > 0.0 && strength <= 1.0) {
+            bail!("--strength {strength} is outside (0, 1]");
+        }
+    }
+    for (name, value) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = value {
+            if v == 0 || v % 16 != 0 {
+                bail!("{name} {v} is not a positive multiple of 16");
+            }
+        }
+    }
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    if args.steps == Some(0) {
+        bail!("--steps must be at least 1");
+    }
+    output::Format::of(&args.output)?;
+    let backend = backend::resolve(args.backend)?;
+    let dtype = args
+        .dtype
+        .map(DtypeChoice::dtype)
+        .unwrap_or(backend.default_dtype());
+    backend.check_dtype(dtype)?;
+    let folder = open_model(&args.model)?;
+    with_backend!(backend, |B| generate::<B>(
+        &args,
+        folder,
+        dtype,
+        backend.name()
+    ))
+}
+
+fn open_model(model: &str) -> Result<ModelFolder> {
+    let path = PathBuf::from(model);
+    if path.exists() {
+        return Ok(ModelFolder::open(&path)?);
+    }
+    bail!("model {model}: no such folder (download it with `huggingface-cli download {model} --local-dir DIR` and pass --model DIR)")
+}
+
+fn load_image(path: &PathBuf) -> Result<image::DynamicImage> {
+    image::open(path).with_context(|| format!("cannot read image {}", path.display()))
+}
+
+fn generate<B: BurnBackend>(
+    args: &GenerateArgs,
+    folder: ModelFolder,
+    dtype: DType,
+    backend: &str,
+) -> Result<()> {
+    let device = B::Device::default();
+    let start = Instant::now();
+    let mut pipeline =
+        ZImagePipeline::<B>::new(folder, &device, dtype)?.keep_models(args.keep_models);
+    let mut options = pipeline.options(args.prompt[0].clone());
+    options.prompts = args.prompt.clone();
+    let multiple = pipeline.size_multiple();
+    if let Some(negative) = &args.negative_prompt {
+        options.negative_prompts = Some(vec![negative.clone(); args.prompt.len()]);
+    }
+    if let Some(path) = &args.image {
+        let image = load_image(path)?.to_rgb8();
+        // diffusers' default: the input's own size, rounded down to the size multiple.
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        options.width = args.width.unwrap_or(w / multiple * multiple);
+        options.height = args.height.unwrap_or(h / multiple * multiple);
+        let mask = args
+            .mask
+            .as_ref()
+            .map(|m| load_image(m).map(|i| i.to_luma8()))
+            .transpose()?;
+        let strength = args
+            .strength
+            .unwrap_or(InitImage::default_strength(mask.is_some()));
+        options.init_image = Some(InitImage {
+            image,
+            strength,
+            mask,
+        });
+    } else {
+        options.width = args.width.unwrap_or(options.width);
+        options.height = args.height.unwrap_or(options.height);
+    }
+    if let Some(steps) = args.steps {
+        options.num_inference_steps = steps;
+    }
+    if let Some(guidance) = args.guidance {
+        options.guidance_scale = guidance;
+    }
+    options.cfg_normalization = args.cfg_normalization;
+    options.cfg_truncation = args.cfg_truncation;
+    options.num_images_per_prompt = args.num_images;
+    options.max_sequence_length = args.max_sequence_length;
+    options.sigmas = args.sigmas.clone();
+    options.seed = args.seed.unwrap_or_else(random_seed);
+    if let Some(tile) = args.vae_tile {
+        options.vae_tiling = Some(TilingConfig::for_sample_size(tile, pipeline.vae_config()));
+    }
+    let paths = output::paths(
+        &args.output,
+        options.prompts.len() * options.num_images_per_prompt,
+    );
+    if !args.quiet {
+        eprintln!(
+            "{}x{}, {} steps, guidance {}, seed {}, {backend} {}",
+            options.width,
+            options.height,
+            options.num_inference_steps,
+            options.guidance_scale,
+            options.seed,
+            backend::dtype_name(dtype)
+        );
+    }
+
+    let mut progress = Progress::new(args.quiet);
+    let generation = pipeline.generate(&options, &mut |event| progress.handle(event))?;
+    drop(progress);
+
+    let parameters = serde_json::json!({
+        "prompt": if args.prompt.len() == 1 { serde_json::json!(args.prompt[0]) } else { serde_json::json!(args.prompt) },
+        "negative_prompt": args.negative_prompt,
+        "width": options.width,
+        "height": options.height,
+        "steps": options.num_inference_steps,
+        "guidance": options.guidance_scale,
+        "cfg_normalization": options.cfg_normalization,
+        "cfg_truncation": options.cfg_truncation,
+        "seed": options.seed,
+        "strength": options.init_image.as_ref().map(|i| i.strength),
+        "model": args.model,
+        "backend": backend,
+        "dtype": backend::dtype_name(dtype),
+        "generator": format!("zimage {}", env!("CARGO_PKG_VERSION")),
+    });
+    for (image, path) in generation.images.iter().zip(&paths) {
+        output::save(image, path, &parameters.to_string())?;
+        println!("{}", path.display());
+    }
+    if !args.quiet {
+        eprintln!("done in {:.1} s", start.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Seeds users can type back: below 2^32 (torch keeps only the low 32 bits anyway).
+    h.finish() & 0xffff_ffff
+}

@@ -1,0 +1,275 @@
+//! `zimage generate` end to end on ndarray: every recorded diffusers case from the seed alone,
+//! and a one-line error for every kind of bad argument.
+
+#[path = "../../../tests/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixtures;
+use common::pipeline::{cases, load_png, model_folder, psnr};
+
+fn zimage(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args(args)
+        .output()
+        .expect("run zimage")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zimage-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The command line equivalent to a recorded diffusers call.
+fn arguments(args: &serde_json::Value, model: &Path, output: &Path) -> Vec<String> {
+    let mut out = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--backend".into(),
+        "ndarray".into(),
+        "--quiet".into(),
+        "--output".into(),
+        output.display().to_string(),
+    ];
+    let prompts: Vec<&str> = match &args["prompt"] {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(v) => v.iter().filter_map(|p| p.as_str()).collect(),
+        other => panic!("prompt {other}"),
+    };
+    for p in prompts {
+        out.extend(["--prompt".into(), p.into()]);
+    }
+    let flag = |name: &str, key: &str, out: &mut Vec<String>| {
+        if let Some(v) = args.get(key).filter(|v| !v.is_null()) {
+            let text = v
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            out.extend([name.to_string(), text]);
+        }
+    };
+    flag("--negative-prompt", "negative_prompt", &mut out);
+    flag("--width", "width", &mut out);
+    flag("--height", "height", &mut out);
+    flag("--steps", "num_inference_steps", &mut out);
+    flag("--guidance", "guidance_scale", &mut out);
+    flag("--cfg-normalization", "cfg_normalization", &mut out);
+    flag("--cfg-truncation", "cfg_truncation", &mut out);
+    flag("--num-images", "num_images_per_prompt", &mut out);
+    flag("--seed", "seed", &mut out);
+    flag("--strength", "strength", &mut out);
+    for key in ["image", "mask"] {
+        if let Some(file) = args[key].as_str() {
+            out.extend([
+                format!("--{key}"),
+                fixtures().join("pipeline").join(file).display().to_string(),
+            ]);
+        }
+    }
+    out
+}
+
+#[test]
+fn reproduces_every_diffusers_case_from_the_seed() {
+    let model = model_folder();
+    let dir = scratch("cases");
+    for case in cases() {
+        let output = dir.join(format!("{}.png", case.name));
+        let args = arguments(&case.args, &model, &output);
+        let run = Command::new(env!("CARGO_BIN_EXE_zimage"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}: {}",
+            case.name,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let written: Vec<PathBuf> = String::from_utf8_lossy(&run.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(written.len(), case.expected.len(), "{}", case.name);
+        for (path, expected) in written.iter().zip(&case.expected) {
+            let db = psnr(
+                &load_png(path),
+                &load_png(&fixtures().join("pipeline").join(expected)),
+            );
+            println!("zimage generate {:<26} PSNR {db:.1} dB", case.name);
+            assert!(db >= 40.0, "{}: {db:.1} dB", case.name);
+        }
+    }
+    // The parameters travel in the PNG.
+    let first = std::fs::read(dir.join("t2i_turbo.png")).unwrap();
+    let text = String::from_utf8_lossy(&first);
+    assert!(
+        text.contains("\"seed\":42") && text.contains("hello world"),
+        "PNG text chunk"
+    );
+}
+
+/// The command fails with exactly one line on stderr containing `needle`, and writes nothing.
+fn refused(args: &[&str], needle: &str) {
+    let dir = scratch("refused");
+    let output = dir.join("out.png");
+    let mut all: Vec<&str> = args.to_vec();
+    let output_arg = output.display().to_string();
+    all.extend(["--output", &output_arg]);
+    let run = zimage(&all);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    println!("{args:?} -> {stderr}");
+    assert!(!run.status.success(), "{args:?} succeeded");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {stderr}"
+    );
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "{args:?} left a file behind"
+    );
+}
+
+#[test]
+fn bad_arguments_get_one_line() {
+    let model = model_folder();
+    let m = model.display().to_string();
+    let image = fixtures()
+        .join("pipeline/inputs/image.png")
+        .display()
+        .to_string();
+    let mask = fixtures()
+        .join("pipeline/inputs/mask.png")
+        .display()
+        .to_string();
+    let base = [
+        "generate",
+        "--backend",
+        "ndarray",
+        "--model",
+        m.as_str(),
+        "-p",
+        "a cat",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let run = |extra: &[&'static str], needle: &str| {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&refs, needle);
+    };
+    run(&["--width", "100"], "multiple of 16");
+    run(&["--height", "0"], "multiple of 16");
+    run(&["--steps", "0"], "--steps");
+    let image_args = |s: &'static str| -> Vec<String> {
+        vec![
+            "--image".into(),
+            image.clone(),
+            "--strength".into(),
+            s.into(),
+        ]
+    };
+    for bad in ["0", "1.5", "-0.2"] {
+        let args: Vec<String> = with(&[]).into_iter().chain(image_args(bad)).collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&refs, "strength");
+    }
+    let args: Vec<String> = with(&["--mask"])
+        .into_iter()
+        .chain([mask.clone()])
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    refused(&refs, "--mask needs --image");
+    refused(
+        &["generate", "--backend", "tpu", "--model", &m, "-p", "x"],
+        "tpu",
+    );
+    refused(
+        &[
+            "generate",
+            "--backend",
+            "ndarray",
+            "--dtype",
+            "bf16",
+            "--model",
+            &m,
+            "-p",
+            "x",
+        ],
+        "bf16",
+    );
+    refused(
+        &[
+            "generate",
+            "--backend",
+            "ndarray",
+            "--model",
+            "/nonexistent/model",
+            "-p",
+            "x",
+        ],
+        "/nonexistent/model",
+    );
+    // A model folder missing a part.
+    let broken = scratch("broken");
+    for entry in ["model_index.json", "scheduler"] {
+        let from = model.join(entry);
+        if from.is_dir() {
+            std::fs::create_dir_all(broken.join(entry)).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), broken.join(entry).join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(&from, broken.join(entry)).unwrap();
+        }
+    }
+    let b = broken.display().to_string();
+    refused(
+        &["generate", "--backend", "ndarray", "--model", &b, "-p", "x"],
+        "transformer/config.json is missing",
+    );
+    refused(
+        &["generate", "--model", &m, "-p", "x", "--output-format"],
+        "--output-format",
+    );
+    // A folder that does not exist for the output: nothing partial is left.
+    let run = zimage(&[
+        "generate",
+        "--backend",
+        "ndarray",
+        "--model",
+        &m,
+        "-p",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "-q",
+        "--output",
+        "/nonexistent/dir/out.png",
+    ]);
+    assert!(!run.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&run.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+}
