@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::DType;
 use common::{errors, fixtures, to_vec, Case, B};
 use zimage_nn::{AttentionImpl, Checkpoint};
-use zimage_transformer::{ZImageTransformer2DModel, ZImageTransformerConfig};
+use zimage_transformer::{LayerResiduals, ZImageTransformer2DModel, ZImageTransformerConfig};
 
 const CASES: &[(&str, &[&str])] = &[
     (
@@ -19,6 +19,7 @@ const CASES: &[(&str, &[&str])] = &[
             "nonsquare",
             "mixed_sizes",
             "exact32",
+            "residuals",
         ],
     ),
     ("b", &["batch1", "mixed_sizes", "nonsquare"]),
@@ -53,8 +54,16 @@ fn run_cases(
             .map(|i| case.tensor::<2>(&format!("caption.{i}"), &device))
             .collect();
         let (timesteps, _) = case.values("timesteps");
+        // ControlNet-style residuals after chosen main layers, when the case has them.
+        let residuals: LayerResiduals<B> = (0..)
+            .map_while(|k| {
+                let name = format!("residual.{k}");
+                case.has(&name)
+                    .then(|| (k, case.tensor::<3>(&name, &device)))
+            })
+            .collect();
         let out = model
-            .forward(&latents, &timesteps, &captions)
+            .forward_with_residuals(&latents, &timesteps, &captions, &residuals)
             .expect("forward");
         assert_eq!(out.len(), n);
         for (i, o) in out.into_iter().enumerate() {
@@ -94,7 +103,11 @@ fn f32_matches_diffusers() {
 fn every_attention_path_matches() {
     // The default (`Auto`) is the host path on ndarray; burn's own op and the reference too.
     let device = Default::default();
-    for imp in [AttentionImpl::Backend, AttentionImpl::Reference, AttentionImpl::Host] {
+    for imp in [
+        AttentionImpl::Backend,
+        AttentionImpl::Reference,
+        AttentionImpl::Host,
+    ] {
         let model = ZImageTransformer2DModel::<B>::from_folder(
             folder("a").join("transformer"),
             &device,
@@ -103,7 +116,10 @@ fn every_attention_path_matches() {
         .expect("load")
         .with_attention(imp);
         let (rel, max) = run_cases("a", &model, "out", CASES[0].1);
-        assert!(rel <= 1e-5 && max <= 1e-4, "{imp:?}: rel L2 {rel:.3e}, max abs {max:.3e}");
+        assert!(
+            rel <= 1e-5 && max <= 1e-4,
+            "{imp:?}: rel L2 {rel:.3e}, max abs {max:.3e}"
+        );
     }
 }
 

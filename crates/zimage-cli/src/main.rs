@@ -1,6 +1,7 @@
 //! `zimage`: generate images with Z-Image.
 
 mod backend;
+mod bench;
 mod generate;
 mod output;
 mod progress;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt (optionally from an input image and a mask).
     Generate(generate::GenerateArgs),
+    /// Time the model's stages on random weights (nothing to download).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
