@@ -34,7 +34,9 @@ fn options(case: &PipelineCase, pipeline: &ZImagePipeline<B>) -> GenerateOptions
         o.width = image.width() as usize;
         o.height = image.height() as usize;
         let mask = a["mask"].as_str().map(|m| {
-            image::open(fixtures().join("pipeline").join(m)).unwrap().to_luma8()
+            image::open(fixtures().join("pipeline").join(m))
+                .unwrap()
+                .to_luma8()
         });
         o.init_image = Some(InitImage {
             image,
@@ -62,7 +64,10 @@ fn every_recorded_case_matches_diffusers() {
             .generate(&options, &mut |_| ControlFlow::Continue(()))
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let expected_latents = Case::open(fixtures().join("pipeline").join(&case.latents));
-        let (rel, _) = errors(&to_vec(out.latents.clone()), &expected_latents.values("latents").0);
+        let (rel, _) = errors(
+            &to_vec(out.latents.clone()),
+            &expected_latents.values("latents").0,
+        );
         assert_eq!(out.images.len(), case.expected.len(), "{}", case.name);
         for (image, file) in out.images.iter().zip(&case.expected) {
             let expected = load_png(&fixtures().join("pipeline").join(file));

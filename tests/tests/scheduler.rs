@@ -34,24 +34,62 @@ fn tables_match_diffusers() {
         let config: FlowMatchEulerDiscreteSchedulerConfig =
             serde_json::from_value(table.config.clone()).expect("config");
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(config).expect("scheduler");
-        let sigmas_in: Option<Vec<f32>> = table.sigmas_in.as_ref().map(|s| s.iter().map(|&x| x as f32).collect());
-        let steps = if sigmas_in.is_some() { None } else { Some(table.steps) };
-        scheduler.set_timesteps(steps, sigmas_in.as_deref(), table.mu).expect("set_timesteps");
-        let got: Vec<f32> = scheduler.sigmas().iter().chain(scheduler.timesteps()).copied().collect();
-        let want: Vec<f32> = table.sigmas.iter().chain(&table.timesteps).map(|&x| x as f32).collect();
+        let sigmas_in: Option<Vec<f32>> = table
+            .sigmas_in
+            .as_ref()
+            .map(|s| s.iter().map(|&x| x as f32).collect());
+        let steps = if sigmas_in.is_some() {
+            None
+        } else {
+            Some(table.steps)
+        };
+        scheduler
+            .set_timesteps(steps, sigmas_in.as_deref(), table.mu)
+            .expect("set_timesteps");
+        let got: Vec<f32> = scheduler
+            .sigmas()
+            .iter()
+            .chain(scheduler.timesteps())
+            .copied()
+            .collect();
+        let want: Vec<f32> = table
+            .sigmas
+            .iter()
+            .chain(&table.timesteps)
+            .map(|&x| x as f32)
+            .collect();
         assert_eq!(got.len(), want.len(), "{} N={}", table.label, table.steps);
-        let max = got.iter().zip(&want).map(|(&a, &b)| ulps(a, b)).max().unwrap_or(0);
-        assert!(max <= 2, "{} N={} {:?}: {max} ulps\n got {got:?}\nwant {want:?}", table.label, table.steps, table.config);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| ulps(a, b))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            max <= 2,
+            "{} N={} {:?}: {max} ulps\n got {got:?}\nwant {want:?}",
+            table.label,
+            table.steps,
+            table.config
+        );
         exact += (max == 0) as usize;
         worst = worst.max(max);
     }
-    println!("{exact} of {} schedules bit-exact, worst {worst} ulp", tables.len());
+    println!(
+        "{exact} of {} schedules bit-exact, worst {worst} ulp",
+        tables.len()
+    );
 }
 
 #[test]
 fn z_image_default_turbo_schedule() {
-    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerDiscreteSchedulerConfig::z_image_turbo()).unwrap();
-    scheduler.set_timesteps(None, Some(&zimage_scheduler::z_image_sigmas(8)), Some(1.15)).unwrap();
+    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(
+        FlowMatchEulerDiscreteSchedulerConfig::z_image_turbo(),
+    )
+    .unwrap();
+    scheduler
+        .set_timesteps(None, Some(&zimage_scheduler::z_image_sigmas(8)), Some(1.15))
+        .unwrap();
     let expected = [1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0];
     for (got, want) in scheduler.sigmas().iter().zip(expected) {
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
@@ -62,8 +100,13 @@ fn z_image_default_turbo_schedule() {
 fn steps_and_scale_noise_match_diffusers() {
     let device = Default::default();
     let case = Case::open(fixtures().join("scheduler/steps.safetensors"));
-    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerDiscreteSchedulerConfig::z_image_turbo()).unwrap();
-    scheduler.set_timesteps(None, Some(&zimage_scheduler::z_image_sigmas(8)), None).unwrap();
+    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(
+        FlowMatchEulerDiscreteSchedulerConfig::z_image_turbo(),
+    )
+    .unwrap();
+    scheduler
+        .set_timesteps(None, Some(&zimage_scheduler::z_image_sigmas(8)), None)
+        .unwrap();
     scheduler.set_begin_index(3);
     let sample: Tensor<B, 4> = case.tensor("sample", &device);
     let noise: Tensor<B, 4> = case.tensor("noise", &device);
@@ -74,23 +117,36 @@ fn steps_and_scale_noise_match_diffusers() {
     let mut x = scheduler.scale_noise(sample.clone(), noise.clone());
     check("scaled_at_begin", x.clone());
     for i in 0..3 {
-        x = scheduler.step(case.tensor(&format!("model_output.{i}"), &device), x).unwrap();
+        x = scheduler
+            .step(case.tensor(&format!("model_output.{i}"), &device), x)
+            .unwrap();
         check(&format!("step.{i}"), x.clone());
-        check(&format!("scaled.{i}"), scheduler.scale_noise(sample.clone(), noise.clone()));
+        check(
+            &format!("scaled.{i}"),
+            scheduler.scale_noise(sample.clone(), noise.clone()),
+        );
     }
 }
 
 #[test]
 fn bad_configs_and_calls_are_errors() {
-    assert!(FlowMatchEulerDiscreteSchedulerConfig::from_json(r#"{"use_karras_sigmas": true, "use_exponential_sigmas": true}"#).is_err());
-    assert!(FlowMatchEulerDiscreteSchedulerConfig::from_json(r#"{"use_beta_sigmas": true}"#).is_err());
+    assert!(FlowMatchEulerDiscreteSchedulerConfig::from_json(
+        r#"{"use_karras_sigmas": true, "use_exponential_sigmas": true}"#
+    )
+    .is_err());
+    assert!(
+        FlowMatchEulerDiscreteSchedulerConfig::from_json(r#"{"use_beta_sigmas": true}"#).is_err()
+    );
     assert!(FlowMatchEulerDiscreteSchedulerConfig::from_json(r#"{"shift": "three"}"#).is_err());
     let mut dynamic = FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerDiscreteSchedulerConfig {
         use_dynamic_shifting: true,
         ..Default::default()
     })
     .unwrap();
-    assert!(dynamic.set_timesteps(Some(8), None, None).is_err(), "mu is required");
+    assert!(
+        dynamic.set_timesteps(Some(8), None, None).is_err(),
+        "mu is required"
+    );
     let mut s = FlowMatchEulerDiscreteScheduler::new(Default::default()).unwrap();
     assert!(s.set_timesteps(Some(3), Some(&[1.0, 0.5]), None).is_err());
     assert!(s.set_timesteps(Some(0), None, None).is_err());

@@ -60,7 +60,10 @@ impl Default for FlowMatchEulerDiscreteSchedulerConfig {
 impl FlowMatchEulerDiscreteSchedulerConfig {
     /// The published Z-Image-Turbo scheduler (static shift 3).
     pub fn z_image_turbo() -> Self {
-        Self { shift: 3.0, ..Self::default() }
+        Self {
+            shift: 3.0,
+            ..Self::default()
+        }
     }
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SchedulerError> {
@@ -97,9 +100,15 @@ impl FlowMatchEulerDiscreteSchedulerConfig {
         if self.num_train_timesteps == 0 {
             return fail("num_train_timesteps must be positive");
         }
-        let conversions = [self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas];
+        let conversions = [
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        ];
         if conversions.iter().filter(|&&on| on).count() > 1 {
-            return fail("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set");
+            return fail(
+                "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set",
+            );
         }
         // Beta sigmas need the inverse CDF of the beta distribution (scipy in diffusers) and
         // stochastic sampling needs noise at every step; no Z-Image release uses either.

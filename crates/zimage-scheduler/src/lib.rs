@@ -9,7 +9,9 @@ mod config;
 mod scheduler;
 
 pub use config::{FlowMatchEulerDiscreteSchedulerConfig, TimeShiftType};
-pub use scheduler::{calculate_shift, torch_linspace_f32, z_image_sigmas, FlowMatchEulerDiscreteScheduler};
+pub use scheduler::{
+    calculate_shift, torch_linspace_f32, z_image_sigmas, FlowMatchEulerDiscreteScheduler,
+};
 
 use std::path::PathBuf;
 
@@ -22,7 +24,10 @@ pub enum SchedulerError {
         source: std::io::Error,
     },
     #[error("invalid scheduler config{}: {reason}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
-    Config { path: Option<PathBuf>, reason: String },
+    Config {
+        path: Option<PathBuf>,
+        reason: String,
+    },
     #[error("{0}")]
     Schedule(String),
 }

@@ -44,7 +44,10 @@ pub fn z_image_sigmas(num_inference_steps: usize) -> Vec<f32> {
 }
 
 /// `mu` for dynamic shifting: linear in the image token count (diffusers' `calculate_shift`).
-pub fn calculate_shift(image_seq_len: usize, config: &FlowMatchEulerDiscreteSchedulerConfig) -> f64 {
+pub fn calculate_shift(
+    image_seq_len: usize,
+    config: &FlowMatchEulerDiscreteSchedulerConfig,
+) -> f64 {
     let m = (config.max_shift - config.base_shift)
         / (config.max_image_seq_len as f64 - config.base_image_seq_len as f64);
     let b = config.base_shift - m * config.base_image_seq_len as f64;
@@ -102,7 +105,9 @@ impl FlowMatchEulerDiscreteScheduler {
     ) -> Result<(), SchedulerError> {
         let config = &self.config;
         if config.use_dynamic_shifting && mu.is_none() {
-            return Err(SchedulerError::Schedule("mu is required when use_dynamic_shifting is set".into()));
+            return Err(SchedulerError::Schedule(
+                "mu is required when use_dynamic_shifting is set".into(),
+            ));
         }
         let steps = match (num_inference_steps, sigmas) {
             (Some(n), Some(s)) if s.len() != n => {
@@ -114,16 +119,24 @@ impl FlowMatchEulerDiscreteScheduler {
             (Some(n), _) => n,
             (None, Some(s)) => s.len(),
             (None, None) => {
-                return Err(SchedulerError::Schedule("give the number of steps or the sigmas".into()))
+                return Err(SchedulerError::Schedule(
+                    "give the number of steps or the sigmas".into(),
+                ))
             }
         };
         if steps == 0 {
-            return Err(SchedulerError::Schedule("the schedule needs at least one step".into()));
+            return Err(SchedulerError::Schedule(
+                "the schedule needs at least one step".into(),
+            ));
         }
         // numpy keeps the dtype of what it is given: float32 for custom sigmas, float64 for the
         // linspace of the default path; shifting then runs in that dtype.
         let shifted: Vec<f64> = match sigmas {
-            Some(s) => self.shift(s.to_vec(), mu)?.into_iter().map(f64::from).collect(),
+            Some(s) => self
+                .shift(s.to_vec(), mu)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
             None => {
                 let t = config.num_train_timesteps as f64;
                 let timesteps = numpy_linspace(self.sigma_max * t, self.sigma_min * t, steps);
@@ -168,7 +181,10 @@ impl FlowMatchEulerDiscreteScheduler {
         } else {
             let shift = f(config.shift);
             let shift_minus_one = f(config.shift - 1.0);
-            sigmas.iter().map(|&s| shift * s / (one + shift_minus_one * s)).collect()
+            sigmas
+                .iter()
+                .map(|&s| shift * s / (one + shift_minus_one * s))
+                .collect()
         };
         if let Some(terminal) = config.shift_terminal.filter(|&t| t != 0.0) {
             let last = one - *out.last().unwrap_or(&one);
@@ -176,7 +192,9 @@ impl FlowMatchEulerDiscreteScheduler {
             out.iter_mut().for_each(|s| *s = one - ((one - *s) / scale));
         }
         if out.iter().any(|s| !s.is_finite()) {
-            return Err(SchedulerError::Schedule("the schedule has non-finite sigmas (a sigma of 0 with dynamic shifting?)".into()));
+            return Err(SchedulerError::Schedule(
+                "the schedule has non-finite sigmas (a sigma of 0 with dynamic shifting?)".into(),
+            ));
         }
         Ok(out)
     }
@@ -194,7 +212,10 @@ impl FlowMatchEulerDiscreteScheduler {
                 .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
                 .collect()
         } else if self.config.use_exponential_sigmas {
-            numpy_linspace(max.ln(), min.ln(), steps).into_iter().map(f64::exp).collect()
+            numpy_linspace(max.ln(), min.ln(), steps)
+                .into_iter()
+                .map(f64::exp)
+                .collect()
         } else {
             sigmas
         }
@@ -246,7 +267,11 @@ impl FlowMatchEulerDiscreteScheduler {
 
     /// The forward process `sigma * noise + (1 - sigma) * sample` at the current step (the begin
     /// index before stepping), computed in `sample`'s dtype as diffusers does.
-    pub fn scale_noise<B: Backend, const D: usize>(&self, sample: Tensor<B, D>, noise: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn scale_noise<B: Backend, const D: usize>(
+        &self,
+        sample: Tensor<B, D>,
+        noise: Tensor<B, D>,
+    ) -> Tensor<B, D> {
         self.scale_noise_at(self.step_index(), sample, noise)
     }
 

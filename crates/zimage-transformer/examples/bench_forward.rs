@@ -13,7 +13,11 @@ use zimage_transformer::{ZImageTransformer2DModel, ZImageTransformerConfig};
 type B = NdArray<f32>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let runs: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(5);
     // dim 768, 8 layers, 12 heads of 64; 64x64 latent (1024 image tokens), 128-token caption.
     let config = ZImageTransformerConfig {
         dim: 768,
@@ -27,8 +31,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
     let model = ZImageTransformer2DModel::<B>::random(&config, &device, DType::F32)?;
     let latent = Tensor::<B, 4>::random([16, 1, 64, 64], Distribution::Normal(0.0, 1.0), &device);
-    let caption = Tensor::<B, 2>::random([128, config.cap_feat_dim], Distribution::Normal(0.0, 1.0), &device);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let caption = Tensor::<B, 2>::random(
+        [128, config.cap_feat_dim],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!("DiT forward, dim 768, 8 layers, 64x64 latent, 128-token caption, ndarray f32, {threads} threads");
     let mut times = Vec::new();
     for i in 0..=runs {
@@ -44,6 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     times.sort_by(f64::total_cmp);
-    println!("median of {runs}: {:.0} ms (min {:.0}, max {:.0})", times[runs / 2], times[0], times[runs - 1]);
+    println!(
+        "median of {runs}: {:.0} ms (min {:.0}, max {:.0})",
+        times[runs / 2],
+        times[0],
+        times[runs - 1]
+    );
     Ok(())
 }

@@ -1,0 +1,297 @@
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use zimage_nn::{AttentionImpl, Checkpoint, CheckpointError, WeightMap, Weights};
+
+use crate::checkpoint::{self, CheckpointFormat, ProjectionLayout};
+use crate::conv::Conv2d;
+use crate::decoder::Decoder;
+use crate::encoder::Encoder;
+use crate::sampling::Downsample2D;
+use crate::tiling::{tiled, TilingConfig};
+use crate::{AutoencoderKLConfig, DiagonalGaussianDistribution, VaeError};
+
+/// The Flux-style variational autoencoder (diffusers' `AutoencoderKL`): images in [-1, 1] to
+/// latents `2^(blocks - 1)` times smaller per side, and back.
+#[derive(Module, Debug)]
+pub struct AutoencoderKL<B: Backend> {
+    pub encoder: Encoder<B>,
+    pub decoder: Decoder<B>,
+    /// 1x1 conv on the moments, when `use_quant_conv`.
+    pub quant_conv: Option<Conv2d<B>>,
+    /// 1x1 conv on the latents, when `use_post_quant_conv`.
+    pub post_quant_conv: Option<Conv2d<B>>,
+    #[module(skip)]
+    config: AutoencoderKLConfig,
+    #[module(skip)]
+    attention: AttentionImpl,
+}
+
+impl<B: Backend> AutoencoderKL<B> {
+    /// Builds the model through `w`; parameter paths are the diffusers checkpoint names.
+    pub fn build(config: &AutoencoderKLConfig, w: &Weights<B>) -> Result<Self, CheckpointError> {
+        Self::build_with_layout(config, w, ProjectionLayout::Linear)
+    }
+
+    /// [`AutoencoderKL::build`] for checkpoints whose attention projections are 1x1 convs.
+    pub fn build_with_layout(
+        config: &AutoencoderKLConfig,
+        w: &Weights<B>,
+        layout: ProjectionLayout,
+    ) -> Result<Self, CheckpointError> {
+        let latent = config.latent_channels;
+        Ok(Self {
+            encoder: Encoder::load(&w.pp("encoder"), config, layout)?,
+            decoder: Decoder::load(&w.pp("decoder"), config, layout)?,
+            quant_conv: config
+                .use_quant_conv
+                .then(|| Conv2d::load(&w.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0))
+                .transpose()?,
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| Conv2d::load(&w.pp("post_quant_conv"), latent, latent, 1, 1, 0))
+                .transpose()?,
+            config: config.clone(),
+            attention: AttentionImpl::default(),
+        })
+    }
+
+    /// Loads from a checkpoint in diffusers or BFL (`ae.safetensors`) naming (see
+    /// [`checkpoint`]). Every tensor is cast to `dtype`. A BFL file comes without a config: the
+    /// published Z-Image (FLUX.1) layout is [`AutoencoderKLConfig::z_image`].
+    pub fn load(
+        config: &AutoencoderKLConfig,
+        checkpoint: Checkpoint,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, VaeError> {
+        config.validate()?;
+        let format = checkpoint::detect(&checkpoint)?;
+        Self::load_format(config, checkpoint, &format, device, dtype)
+    }
+
+    /// [`AutoencoderKL::load`] with the naming given rather than detected.
+    pub fn load_format(
+        config: &AutoencoderKLConfig,
+        checkpoint: Checkpoint,
+        format: &CheckpointFormat,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, VaeError> {
+        config.validate()?;
+        let map = WeightMap::new(checkpoint, |name, shape| {
+            checkpoint::map_key(format, config, name, shape)
+        });
+        Ok(zimage_nn::load_module(&map, device, dtype, |w| {
+            Self::build_with_layout(config, w, format.attention)
+        })?)
+    }
+
+    /// Loads a diffusers `vae/` folder: `config.json` and the safetensors file.
+    pub fn from_folder(
+        folder: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, VaeError> {
+        let folder = folder.as_ref();
+        let config = AutoencoderKLConfig::from_file(folder.join("config.json"))?;
+        Self::load(&config, Checkpoint::open(folder)?, device, dtype)
+    }
+
+    /// Random weights made on the device (benchmarks).
+    pub fn random(
+        config: &AutoencoderKLConfig,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, VaeError> {
+        config.validate()?;
+        Ok(Self::build(config, &Weights::random(device, dtype))?)
+    }
+
+    pub fn config(&self) -> &AutoencoderKLConfig {
+        &self.config
+    }
+
+    /// Chooses how the mid-block attention is computed (`AttentionImpl::default()` otherwise).
+    pub fn with_attention(mut self, attention: AttentionImpl) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    /// The dtype of the weights; inputs are cast to it and outputs come in it.
+    pub fn dtype(&self) -> DType {
+        self.encoder.conv_in.weight.val().dtype()
+    }
+
+    /// Image pixels per latent pixel along each side.
+    pub fn downscale_factor(&self) -> usize {
+        self.config.downscale_factor()
+    }
+
+    /// Encodes images into the latent posterior (`vae.encode(x).latent_dist`). Latents for the
+    /// diffusion model are `scale_latents(posterior.mode())` or of `posterior.sample(noise)`.
+    ///
+    /// # Shapes
+    /// `[batch, in_channels, H, W]` in [-1, 1], `H` and `W` multiples of `2^(blocks - 1)` ->
+    /// a posterior of `[batch, latent_channels, H / f, W / f]`
+    pub fn encode(
+        &self,
+        images: Tensor<B, 4>,
+    ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
+        self.check_images(&images)?;
+        Ok(DiagonalGaussianDistribution::new(
+            self.encode_moments(images.cast(self.dtype())),
+        ))
+    }
+
+    /// [`AutoencoderKL::encode`] in overlapping tiles when the image is larger than a tile
+    /// (what diffusers does after `enable_tiling()`); smaller images are encoded whole.
+    /// Tiling changes the result slightly (each tile sees only its own pixels), and when the
+    /// tile stride is not a multiple of `2^(blocks - 1)` the latent size differs from `H / f`,
+    /// exactly as in diffusers. Border tiles too small to downsample are a
+    /// [`VaeError::TileTooSmall`] (PyTorch fails inside the conv there).
+    pub fn encode_tiled(
+        &self,
+        images: Tensor<B, 4>,
+        tiling: &TilingConfig,
+    ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
+        self.check_images(&images)?;
+        let plan = tiling.encode_plan()?;
+        let [_, _, height, width] = images.dims();
+        let images = images.cast(self.dtype());
+        if height.max(width) <= tiling.tile_sample_min_size {
+            return Ok(DiagonalGaussianDistribution::new(
+                self.encode_moments(images),
+            ));
+        }
+        let downsamples = self.config.num_blocks() - 1;
+        let moments = tiled(images, plan, |tile| {
+            let [_, _, h, w] = tile.dims();
+            // Border tiles can be small; every downsampling needs at least 2 pixels.
+            let (mut th, mut tw) = (h, w);
+            for _ in 0..downsamples {
+                if th < 2 || tw < 2 {
+                    return Err(VaeError::TileTooSmall {
+                        height: h,
+                        width: w,
+                        downsamples,
+                    });
+                }
+                th = Downsample2D::<B>::output_size(th);
+                tw = Downsample2D::<B>::output_size(tw);
+            }
+            Ok(self.encode_moments(tile))
+        })?;
+        Ok(DiagonalGaussianDistribution::new(moments))
+    }
+
+    /// Decodes latents (already unscaled: see [`AutoencoderKL::unscale_latents`]) into images
+    /// in about [-1, 1] (`vae.decode(z).sample`).
+    ///
+    /// # Shapes
+    /// `[batch, latent_channels, h, w]` -> `[batch, out_channels, h * f, w * f]`
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, VaeError> {
+        self.check_latents(&latents)?;
+        Ok(self.decode_whole(latents.cast(self.dtype())))
+    }
+
+    /// [`AutoencoderKL::decode`] in overlapping tiles when the latents are larger than a tile
+    /// (what diffusers does after `enable_tiling()`), so that the decoder's activations are
+    /// only ever as large as one tile's. Smaller latents are decoded whole. The result differs
+    /// slightly from an untiled decode (each tile sees only its own latents), and when the tile
+    /// sizes do not correspond (`tile_sample_min_size != tile_latent_min_size * f`) its size is
+    /// not `h * f`, exactly as in diffusers.
+    pub fn decode_tiled(
+        &self,
+        latents: Tensor<B, 4>,
+        tiling: &TilingConfig,
+    ) -> Result<Tensor<B, 4>, VaeError> {
+        self.check_latents(&latents)?;
+        let plan = tiling.decode_plan()?;
+        let [_, _, height, width] = latents.dims();
+        let latents = latents.cast(self.dtype());
+        if height.max(width) <= tiling.tile_latent_min_size {
+            return Ok(self.decode_whole(latents));
+        }
+        tiled(latents, plan, |tile| Ok(self.decode_whole(tile)))
+    }
+
+    /// Latents as the diffusion model sees them: `(z - shift_factor) * scaling_factor`.
+    pub fn scale_latents(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        latents
+            .sub_scalar(self.config.shift())
+            .mul_scalar(self.config.scaling_factor)
+    }
+
+    /// The inverse of [`AutoencoderKL::scale_latents`], before decoding:
+    /// `z / scaling_factor + shift_factor`.
+    pub fn unscale_latents(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        latents
+            .div_scalar(self.config.scaling_factor)
+            .add_scalar(self.config.shift())
+    }
+
+    /// Encoder and `quant_conv`.
+    fn encode_moments(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
+        let moments = self.encoder.forward(images, self.attention);
+        match &self.quant_conv {
+            Some(conv) => conv.forward(moments),
+            None => moments,
+        }
+    }
+
+    /// `post_quant_conv` and decoder.
+    fn decode_whole(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        let latents = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents),
+            None => latents,
+        };
+        self.decoder.forward(latents, self.attention)
+    }
+
+    fn check_images(&self, images: &Tensor<B, 4>) -> Result<(), VaeError> {
+        let [batch, channels, height, width] = images.dims();
+        if channels != self.config.in_channels {
+            return Err(VaeError::Channels {
+                what: "image",
+                expected: self.config.in_channels,
+                actual: channels,
+            });
+        }
+        if batch == 0 {
+            return Err(VaeError::Empty {
+                what: "image batch",
+                shape: images.dims().to_vec(),
+            });
+        }
+        let multiple = self.downscale_factor();
+        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+            return Err(VaeError::ImageSize {
+                height,
+                width,
+                multiple,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_latents(&self, latents: &Tensor<B, 4>) -> Result<(), VaeError> {
+        let [batch, channels, height, width] = latents.dims();
+        if channels != self.config.latent_channels {
+            return Err(VaeError::Channels {
+                what: "latent",
+                expected: self.config.latent_channels,
+                actual: channels,
+            });
+        }
+        if batch == 0 || height == 0 || width == 0 {
+            return Err(VaeError::Empty {
+                what: "latent",
+                shape: latents.dims().to_vec(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use zimage_nn::{CheckpointError, Weights};
+
+use crate::conv::Conv2d;
+use crate::norm::{silu, GroupNorm, GROUP_NORM_EPS};
+
+/// diffusers' `ResnetBlock2D` as the autoencoder builds it: no time embedding, dropout 0,
+/// output scale 1.
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D<B: Backend> {
+    pub norm1: GroupNorm<B>,
+    pub conv1: Conv2d<B>,
+    pub norm2: GroupNorm<B>,
+    pub conv2: Conv2d<B>,
+    /// 1x1 conv on the residual path, present when the channel count changes.
+    pub conv_shortcut: Option<Conv2d<B>>,
+}
+
+impl<B: Backend> ResnetBlock2D<B> {
+    pub fn load(
+        w: &Weights<B>,
+        in_channels: usize,
+        out_channels: usize,
+        groups: usize,
+    ) -> Result<Self, CheckpointError> {
+        Ok(Self {
+            norm1: GroupNorm::load(&w.pp("norm1"), groups, in_channels, GROUP_NORM_EPS)?,
+            conv1: Conv2d::load_3x3(&w.pp("conv1"), in_channels, out_channels)?,
+            norm2: GroupNorm::load(&w.pp("norm2"), groups, out_channels, GROUP_NORM_EPS)?,
+            conv2: Conv2d::load_3x3(&w.pp("conv2"), out_channels, out_channels)?,
+            conv_shortcut: (in_channels != out_channels)
+                .then(|| Conv2d::load(&w.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0))
+                .transpose()?,
+        })
+    }
+
+    /// `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`
+    ///
+    /// # Shapes
+    /// `[batch, in, height, width]` -> `[batch, out, height, width]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let residual = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        residual + h
+    }
+}
