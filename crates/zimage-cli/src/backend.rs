@@ -102,11 +102,11 @@ pub fn resolve(choice: BackendChoice) -> Result<Backend> {
     match choice {
         BackendChoice::Auto => {
             #[cfg(feature = "cuda")]
-            if probe(Backend::Cuda) {
+            if probe(Backend::Cuda).is_ok() {
                 return Ok(Backend::Cuda);
             }
             #[cfg(feature = "wgpu")]
-            if probe(Backend::Wgpu) {
+            if probe(Backend::Wgpu).is_ok() {
                 return Ok(Backend::Wgpu);
             }
             #[cfg(feature = "ndarray")]
@@ -118,7 +118,7 @@ pub fn resolve(choice: BackendChoice) -> Result<Backend> {
         }
         BackendChoice::Cuda => {
             #[cfg(feature = "cuda")]
-            return Ok(Backend::Cuda);
+            return usable(Backend::Cuda);
             #[allow(unreachable_code)]
             {
                 bail!("this zimage was built without the cuda backend (cargo feature `cuda`)")
@@ -126,7 +126,7 @@ pub fn resolve(choice: BackendChoice) -> Result<Backend> {
         }
         BackendChoice::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return Ok(Backend::Wgpu);
+            return usable(Backend::Wgpu);
             #[allow(unreachable_code)]
             {
                 bail!("this zimage was built without the wgpu backend (cargo feature `wgpu`)")
@@ -143,10 +143,29 @@ pub fn resolve(choice: BackendChoice) -> Result<Backend> {
     }
 }
 
+/// The backend if its device answers, else why not.
+#[allow(dead_code)]
+fn usable(backend: Backend) -> Result<Backend> {
+    match probe(backend) {
+        Ok(()) => Ok(backend),
+        Err(why) => {
+            let hint = match backend.name() {
+                "cuda" => "no NVIDIA driver (libcuda) or GPU answered",
+                "wgpu" => "no Vulkan, Metal or DirectX 12 adapter answered",
+                _ => "the device failed",
+            };
+            bail!(
+                "the {} backend has no usable device: {hint} ({why})",
+                backend.name()
+            )
+        }
+    }
+}
+
 /// Whether a small computation succeeds on the backend's default device (drivers are loaded at
 /// run time, so a build with the backend may run where it has no device).
 #[allow(dead_code)]
-fn probe(backend: Backend) -> bool {
+fn probe(backend: Backend) -> std::result::Result<(), String> {
     let run = move || match backend {
         #[cfg(feature = "cuda")]
         Backend::Cuda => tiny_op::<burn::backend::Cuda>(),
@@ -155,11 +174,30 @@ fn probe(backend: Backend) -> bool {
         #[cfg(feature = "ndarray")]
         Backend::Ndarray => tiny_op::<burn::backend::NdArray>(),
     };
+    // The backends report a missing driver or adapter by panicking (on their device thread,
+    // re-raised here); keep the message, not the backtrace.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let ok = std::panic::catch_unwind(run).unwrap_or(false);
+    let result = std::panic::catch_unwind(run);
     std::panic::set_hook(hook);
-    ok
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("a test computation gave a wrong result".into()),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the driver failed to start".into());
+            Err(text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect())
+        }
+    }
 }
 
 #[allow(dead_code)]

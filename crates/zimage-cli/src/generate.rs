@@ -21,9 +21,20 @@ pub struct GenerateArgs {
     #[arg(long, short, required = true)]
     pub prompt: Vec<String>,
     /// A model folder in the Hugging Face layout (model_index.json, transformer/, text_encoder/,
-    /// tokenizer/, vae/, scheduler/).
-    #[arg(long, default_value = "Tongyi-MAI/Z-Image-Turbo")]
+    /// tokenizer/, vae/, scheduler/), or a Hub repo id (`owner/name[@revision]`), downloaded into
+    /// the Hugging Face cache on first use (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply).
+    #[arg(long, default_value = zimage_hub::DEFAULT_MODEL)]
     pub model: String,
+    /// Transformer weights from one file (diffusers or original/ComfyUI names, e.g.
+    /// z_image_turbo_bf16.safetensors); its config comes from --model.
+    #[arg(long, value_name = "FILE")]
+    pub transformer: Option<PathBuf>,
+    /// Text-encoder weights from one file (e.g. ComfyUI's qwen_3_4b.safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub text_encoder: Option<PathBuf>,
+    /// VAE weights from one file (diffusers names or BFL's ae.safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
     /// What to steer away from (used when guidance is on), for every prompt.
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -120,7 +131,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(DtypeChoice::dtype)
         .unwrap_or(backend.default_dtype());
     backend.check_dtype(dtype)?;
-    let folder = open_model(&args.model)?;
+    let folder = open_model(&args)?;
     with_backend!(backend, |B| generate::<B>(
         &args,
         folder,
@@ -129,12 +140,35 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     ))
 }
 
-fn open_model(model: &str) -> Result<ModelFolder> {
-    let path = PathBuf::from(model);
-    if path.exists() {
-        return Ok(ModelFolder::open(&path)?);
+/// The model folder: local, or the Hub snapshot (only the weights no single file replaces are
+/// downloaded), with single-file weights on top.
+fn open_model(args: &GenerateArgs) -> Result<ModelFolder> {
+    use zimage_hub::{Component, HubOptions};
+    let mut options = HubOptions::from_env();
+    if args.quiet {
+        options = options.quiet();
     }
-    bail!("model {model}: no such folder (download it with `huggingface-cli download {model} --local-dir DIR` and pass --model DIR)")
+    let needed: Vec<Component> = [
+        (Component::Transformer, &args.transformer),
+        (Component::TextEncoder, &args.text_encoder),
+        (Component::Vae, &args.vae),
+    ]
+    .into_iter()
+    .filter(|(_, file)| file.is_none())
+    .map(|(component, _)| component)
+    .collect();
+    let root = zimage_hub::resolve_model_with(&args.model, &options, &needed)?;
+    let mut folder = ModelFolder::open(&root)?;
+    if let Some(file) = &args.transformer {
+        folder = folder.with_transformer_file(file)?;
+    }
+    if let Some(file) = &args.text_encoder {
+        folder = folder.with_text_encoder_file(file)?;
+    }
+    if let Some(file) = &args.vae {
+        folder = folder.with_vae_file(file)?;
+    }
+    Ok(folder)
 }
 
 fn load_image(path: &PathBuf) -> Result<image::DynamicImage> {

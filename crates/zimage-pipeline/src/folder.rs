@@ -33,11 +33,15 @@ impl Variant {
     }
 }
 
-/// The paths of a model folder's parts, checked to exist.
+/// The paths of a model folder's parts, checked to exist, with optional single-file weights
+/// replacing a component's folder (ComfyUI/original files; configs still come from the folder).
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
     root: PathBuf,
     variant: Variant,
+    transformer_file: Option<PathBuf>,
+    text_encoder_file: Option<PathBuf>,
+    vae_file: Option<PathBuf>,
 }
 
 /// Sub-folders a pipeline needs, with the file each must hold.
@@ -90,7 +94,54 @@ impl ModelFolder {
         } else {
             Variant::Turbo
         };
-        Ok(Self { root, variant })
+        Ok(Self {
+            root,
+            variant,
+            transformer_file: None,
+            text_encoder_file: None,
+            vae_file: None,
+        })
+    }
+
+    /// Takes the transformer's weights from one file (diffusers or original/ComfyUI names).
+    pub fn with_transformer_file(self, file: impl Into<PathBuf>) -> Result<Self, PipelineError> {
+        Ok(Self {
+            transformer_file: Some(existing(file.into())?),
+            ..self
+        })
+    }
+
+    /// Takes the text encoder's weights from one file (with or without the `model.` prefix).
+    pub fn with_text_encoder_file(self, file: impl Into<PathBuf>) -> Result<Self, PipelineError> {
+        Ok(Self {
+            text_encoder_file: Some(existing(file.into())?),
+            ..self
+        })
+    }
+
+    /// Takes the VAE's weights from one file (diffusers or BFL `ae.safetensors` names).
+    pub fn with_vae_file(self, file: impl Into<PathBuf>) -> Result<Self, PipelineError> {
+        Ok(Self {
+            vae_file: Some(existing(file.into())?),
+            ..self
+        })
+    }
+
+    /// Where the transformer's weights are: its folder, or the single file that replaces it.
+    pub fn transformer_weights(&self) -> PathBuf {
+        self.transformer_file
+            .clone()
+            .unwrap_or_else(|| self.transformer())
+    }
+
+    pub fn text_encoder_weights(&self) -> PathBuf {
+        self.text_encoder_file
+            .clone()
+            .unwrap_or_else(|| self.text_encoder())
+    }
+
+    pub fn vae_weights(&self) -> PathBuf {
+        self.vae_file.clone().unwrap_or_else(|| self.vae())
     }
 
     pub fn root(&self) -> &Path {
@@ -119,5 +170,16 @@ impl ModelFolder {
 
     pub fn scheduler_config(&self) -> PathBuf {
         self.root.join("scheduler/scheduler_config.json")
+    }
+}
+
+fn existing(file: PathBuf) -> Result<PathBuf, PipelineError> {
+    if file.is_file() {
+        Ok(file)
+    } else {
+        Err(PipelineError::Io {
+            path: file,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        })
     }
 }

@@ -1,0 +1,183 @@
+//! Developer tasks, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! - `convert`: weights of a folder, Hub repo or single files -> a folder in one dtype.
+//! - `synth-checkpoint`: a full-size synthetic transformer checkpoint for timing.
+//! - `read-check`: read (or load) every tensor of a checkpoint and time it.
+
+mod convert;
+mod synth;
+mod writer;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::backend::NdArray;
+use clap::{Parser, Subcommand};
+use zimage_nn::Checkpoint;
+use zimage_transformer::ZImageTransformer2DModel;
+
+use crate::writer::OutDtype;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "zimage-rs developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Re-write a model's weights in one dtype as a folder the pipeline loads directly.
+    Convert {
+        /// A model folder, a Hub repo id (owner/name[@revision]), or single .safetensors files
+        /// (ComfyUI/original transformer, ComfyUI Qwen3 text encoder, BFL ae.safetensors).
+        #[arg(long, required = true, num_args = 1..)]
+        from: Vec<String>,
+        /// Folder or repo that supplies configs, tokenizer and the weights not given as files.
+        #[arg(long)]
+        base: Option<String>,
+        /// Output folder (Hugging Face layout).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: OutDtype,
+        /// Largest shard, like save_pretrained's max_shard_size (e.g. 5GB, 500MB, bytes).
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        max_shard_size: u64,
+        /// Write into a non-empty output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a synthetic full-size Z-Image-Turbo transformer (521 tensors, 6.15B parameters).
+    SynthCheckpoint {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: OutDtype,
+        /// The published fp32 transformer comes in shards of at most 10 GB.
+        #[arg(long, default_value = "10GB", value_parser = parse_size)]
+        max_shard_size: u64,
+    },
+    /// Read every tensor of a checkpoint (file, index or folder) cast to a dtype, and time it;
+    /// with --load, build the transformer on the ndarray backend instead.
+    ReadCheck {
+        /// A checkpoint, or a transformer folder for --load.
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: OutDtype,
+        #[arg(long)]
+        load: bool,
+    },
+}
+
+/// `5GB` -> 5_000_000_000 (decimal units, as `save_pretrained`), `512MiB`, or plain bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 5GB"))?;
+    let scale = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    let bytes = number * scale;
+    if bytes < 1.0 {
+        return Err(format!("{text:?} is too small"));
+    }
+    Ok(bytes as u64)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Convert {
+            from,
+            base,
+            out,
+            dtype,
+            max_shard_size,
+            force,
+        } => {
+            convert::convert(&convert::ConvertArgs {
+                from,
+                base,
+                out,
+                dtype,
+                max_shard_bytes: max_shard_size,
+                force,
+            })?;
+        }
+        Command::SynthCheckpoint {
+            out,
+            dtype,
+            max_shard_size,
+        } => {
+            synth::synth_checkpoint(&out, dtype, max_shard_size)?;
+        }
+        Command::ReadCheck { path, dtype, load } => read_check(&path, dtype, load)?,
+    }
+    Ok(())
+}
+
+fn read_check(path: &std::path::Path, dtype: OutDtype, load: bool) -> Result<()> {
+    let started = Instant::now();
+    if load {
+        if !path.join("config.json").is_file() {
+            bail!("--load needs a transformer folder with config.json");
+        }
+        let device = Default::default();
+        let model = ZImageTransformer2DModel::<NdArray>::from_folder(path, &device, dtype.burn())?;
+        eprintln!(
+            "loaded the transformer ({:?}) in {:.1} s",
+            model.dtype(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let checkpoint = Checkpoint::open(path)?;
+    let names: Vec<String> = checkpoint.entries().map(|(n, _)| n.to_string()).collect();
+    let mut bytes = 0usize;
+    // A value from every tensor keeps the reads from being optimised away.
+    let mut checksum = 0u64;
+    for name in &names {
+        let data = checkpoint.read(name, None, dtype.burn())?;
+        let raw = data.as_bytes();
+        bytes += raw.len();
+        checksum = checksum.wrapping_add(raw.first().copied().unwrap_or(0) as u64);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "read {} tensors as {:?} ({:.2} GB) in {seconds:.1} s ({:.2} GB/s), checksum {checksum}",
+        names.len(),
+        dtype,
+        bytes as f64 / 1e9,
+        bytes as f64 / 1e9 / seconds
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("GB").is_err());
+    }
+}
