@@ -6,49 +6,9 @@ mod common;
 use std::ops::ControlFlow;
 
 use burn::tensor::DType;
-use common::pipeline::{cases, load_png, model_folder, psnr, PipelineCase};
+use common::pipeline::{cases, load_png, model_folder, options, psnr};
 use common::{errors, fixtures, to_vec, Case, B};
-use zimage_pipeline::{GenerateOptions, InitImage, ModelFolder, ZImagePipeline};
-
-/// The library call equivalent to a recorded diffusers call.
-fn options(case: &PipelineCase, pipeline: &ZImagePipeline<B>) -> GenerateOptions {
-    let a = &case.args;
-    let prompts: Vec<String> = match &a["prompt"] {
-        serde_json::Value::String(s) => vec![s.clone()],
-        serde_json::Value::Array(v) => v.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
-        other => panic!("prompt {other}"),
-    };
-    let mut o = pipeline.options(prompts[0].clone());
-    o.prompts = prompts;
-    if let Some(n) = a["negative_prompt"].as_str() {
-        o.negative_prompts = Some(vec![n.to_string(); o.prompts.len()]);
-    }
-    o.num_inference_steps = a["num_inference_steps"].as_u64().unwrap() as usize;
-    o.guidance_scale = a["guidance_scale"].as_f64().unwrap() as f32;
-    o.cfg_normalization = a["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
-    o.cfg_truncation = a["cfg_truncation"].as_f64().unwrap_or(1.0);
-    o.num_images_per_prompt = a["num_images_per_prompt"].as_u64().unwrap_or(1) as usize;
-    o.seed = a["seed"].as_u64().unwrap();
-    if let Some(image) = a["image"].as_str() {
-        let image = load_png(&fixtures().join("pipeline").join(image));
-        o.width = image.width() as usize;
-        o.height = image.height() as usize;
-        let mask = a["mask"].as_str().map(|m| {
-            image::open(fixtures().join("pipeline").join(m))
-                .unwrap()
-                .to_luma8()
-        });
-        o.init_image = Some(InitImage {
-            image,
-            strength: a["strength"].as_f64().unwrap(),
-            mask,
-        });
-    } else {
-        o.width = a["width"].as_u64().unwrap() as usize;
-        o.height = a["height"].as_u64().unwrap() as usize;
-    }
-    o
-}
+use zimage_pipeline::{ModelFolder, ZImagePipeline};
 
 #[test]
 fn every_recorded_case_matches_diffusers() {

@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 
 use burn::tensor::{DType, Tensor};
 use common::{errors, fixtures, to_vec, Case, B};
-use safetensors::SafeTensors;
 use serde::Deserialize;
 use zimage_nn::AttentionImpl;
 use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
@@ -47,23 +46,6 @@ fn tokenizer_folder() -> &'static PathBuf {
 
 fn tokenizer() -> PromptTokenizer {
     PromptTokenizer::from_folder(tokenizer_folder()).expect("tokenizer")
-}
-
-/// An int64 tensor of a fixture, as token ids.
-fn ids(path: &PathBuf, name: &str) -> Vec<u32> {
-    let bytes = std::fs::read(path).expect("fixture");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-    t.data()
-        .chunks_exact(8)
-        .map(|b| {
-            let v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
-            u32::try_from(v).expect("token id")
-        })
-        .collect()
 }
 
 #[derive(Deserialize)]
@@ -163,9 +145,9 @@ fn run_cases(config: &str, model: &Qwen3TextEncoder<B>, cases: &[&str], key: &st
             .join(config)
             .join("cases")
             .join(format!("{case_name}.safetensors"));
-        let case = Case::open(path.clone());
+        let case = Case::open(path);
         let n = case.count("ids");
-        let batch: Vec<Vec<u32>> = (0..n).map(|i| ids(&path, &format!("ids.{i}"))).collect();
+        let batch: Vec<Vec<u32>> = (0..n).map(|i| case.ids(&format!("ids.{i}"))).collect();
         let out = model.encode(&batch).expect("encode");
         assert_eq!(out.len(), n);
         for (i, features) in out.into_iter().enumerate() {
@@ -233,8 +215,9 @@ fn a_batch_gives_each_prompt_its_own_features() {
             .join(config)
             .join("cases")
             .join(format!("{case_name}.safetensors"));
-        let n = Case::open(path.clone()).count("ids");
-        let batch: Vec<Vec<u32>> = (0..n).map(|i| ids(&path, &format!("ids.{i}"))).collect();
+        let case = Case::open(path);
+        let n = case.count("ids");
+        let batch: Vec<Vec<u32>> = (0..n).map(|i| case.ids(&format!("ids.{i}"))).collect();
         let together = model.encode(&batch).expect("batch");
         for (i, prompt) in batch.iter().enumerate() {
             let alone = model.encode(std::slice::from_ref(prompt)).expect("alone");
@@ -263,8 +246,7 @@ fn prompts_to_features_match_diffusers_encode_prompt() {
     let spec: PipelineCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline.json")).expect("fixture"))
             .expect("json");
-    let path = dir.join("pipeline.safetensors");
-    let case = Case::open(path.clone());
+    let case = Case::open(dir.join("pipeline.safetensors"));
     let mut worst = (0f64, 0f64);
     for &max_len in &spec.max_sequence_lengths {
         let positive = model
@@ -277,7 +259,7 @@ fn prompts_to_features_match_diffusers_encode_prompt() {
         for i in 0..spec.prompts.len() {
             assert_eq!(
                 got_ids[i],
-                ids(&path, &format!("len{max_len}.ids.{i}")),
+                case.ids(&format!("len{max_len}.ids.{i}")),
                 "ids {i}"
             );
             for (kind, features) in [("prompt", &positive[i]), ("negative", &negative[i])] {

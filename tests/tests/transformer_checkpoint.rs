@@ -10,7 +10,7 @@ use burn::tensor::DType;
 use common::{fixtures, B};
 use safetensors::{serialize_to_file, Dtype, View};
 use zimage_nn::weights::expected_tensors;
-use zimage_nn::{Checkpoint, CheckpointError, KeyMapping};
+use zimage_nn::{CheckpointError, KeyMapping};
 use zimage_transformer::{
     checkpoint::map_key, TransformerError, ZImageTransformer2DModel, ZImageTransformerConfig,
 };

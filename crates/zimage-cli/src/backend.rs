@@ -97,8 +97,38 @@ impl Backend {
     }
 }
 
-/// Resolves the user's choice to a compiled-in backend whose device answers.
+/// Resolves the user's choice to a compiled-in backend whose device answers, and tells the
+/// model code that device's limits.
 pub fn resolve(choice: BackendChoice) -> Result<Backend> {
+    let backend = pick(choice)?;
+    backend.register_device_limits();
+    Ok(backend)
+}
+
+impl Backend {
+    /// Registers the default device's largest tensor with [`zimage_nn::device`], where the
+    /// backend has such a limit: wgpu binds each tensor as one storage buffer, and past the
+    /// adapter's binding size a kernel silently reads zeros.
+    fn register_device_limits(self) {
+        match self {
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => {
+                use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+                use cubecl::Runtime;
+                let device = WgpuDevice::default();
+                let bytes = WgpuRuntime::client(&device)
+                    .properties()
+                    .memory
+                    .max_page_size;
+                zimage_nn::device::set_max_tensor_bytes::<burn::backend::Wgpu>(&device, bytes);
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+}
+
+fn pick(choice: BackendChoice) -> Result<Backend> {
     match choice {
         BackendChoice::Auto => {
             #[cfg(feature = "cuda")]

@@ -22,13 +22,15 @@ pub enum AttentionImpl {
     Host,
 }
 
-/// `softmax(q k^T / sqrt(d) + mask) v`.
+/// `softmax(q k^T / sqrt(d) + mask) v`, with grouped-query attention: query head `h` reads key/value
+/// head `h / (heads / kv_heads)`, as transformers' `repeat_kv`.
 ///
 /// `key_valid`: `[batch, keys]`, `true` where a key may be attended (batch padding is `false`).
 /// `causal`: queries see only keys at or before their own position.
 ///
 /// # Shapes
-/// q `[batch, heads, queries, d]`, k and v `[batch, heads, keys, d]` -> `[batch, heads, queries, d]`
+/// q `[batch, heads, queries, d]`, k and v `[batch, kv_heads, keys, d]` ->
+/// `[batch, heads, queries, d]`
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -38,7 +40,31 @@ pub fn attention<B: Backend>(
     imp: AttentionImpl,
 ) -> Tensor<B, 4> {
     let [batch, heads, queries, d] = q.dims();
-    let keys = k.dims()[2];
+    let [_, kv_heads, keys, _] = k.dims();
+    assert!(
+        kv_heads > 0 && heads % kv_heads == 0,
+        "{heads} query heads for {kv_heads} key/value heads"
+    );
+    let imp = match imp {
+        AttentionImpl::Auto if crate::host::is_host_backend::<B>(&q.device()) => {
+            AttentionImpl::Host
+        }
+        AttentionImpl::Auto => AttentionImpl::Backend,
+        other => other,
+    };
+    if imp == AttentionImpl::Host {
+        return host::attention(q, k, v, key_valid, causal);
+    }
+    let groups = heads / kv_heads;
+    let expand = |t: Tensor<B, 4>| {
+        if groups == 1 {
+            return t;
+        }
+        t.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, keys, d])
+            .reshape([batch, heads, keys, d])
+    };
+    let (k, v) = (expand(k), expand(v));
     // burn's mask marks what is hidden; give it the full [batch, heads, queries, keys] shape.
     let mask = key_valid.map(|valid| {
         valid
@@ -47,14 +73,6 @@ pub fn attention<B: Backend>(
             .reshape([batch, 1, 1, keys])
             .expand([batch, heads, queries, keys])
     });
-    let imp = match imp {
-        AttentionImpl::Auto if B::name(&q.device()).starts_with("ndarray") => AttentionImpl::Host,
-        AttentionImpl::Auto => AttentionImpl::Backend,
-        other => other,
-    };
-    if imp == AttentionImpl::Host {
-        return host::attention(q, k, v, key_valid, causal);
-    }
     match imp {
         AttentionImpl::Backend | AttentionImpl::Auto | AttentionImpl::Host => {
             let options = AttentionModuleOptions {
@@ -96,17 +114,28 @@ mod host {
     use burn::tensor::{Bool, DType, Tensor, TensorData};
     use rayon::prelude::*;
 
+    use crate::host::host_f32;
+
     /// Query rows per block: a block's scores (`QUERY_BLOCK x keys` f32) stay in L2.
     const QUERY_BLOCK: usize = 64;
 
-    fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default()
+    /// The output buffer, shared by tasks that write disjoint rows of it.
+    #[derive(Clone, Copy)]
+    struct OutPtr(*mut f32);
+    // SAFETY: each task writes only its own (batch, head, query block) rows.
+    unsafe impl Send for OutPtr {}
+    unsafe impl Sync for OutPtr {}
+
+    impl OutPtr {
+        fn at(self, offset: usize) -> *mut f32 {
+            // SAFETY: callers pass offsets inside the buffer.
+            unsafe { self.0.add(offset) }
+        }
     }
 
+    /// Works tokens-major (`[batch, tokens, heads, d]`), the layout the projections produce: the
+    /// callers' `[batch, heads, tokens, d]` views of it are swapped back, so the host copies are
+    /// plain memory copies and no head is ever materialised per key/value group.
     pub fn attention<B: Backend>(
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -117,100 +146,104 @@ mod host {
         let device = q.device();
         let dtype = q.dtype();
         let [batch, heads, queries, d] = q.dims();
-        let keys = k.dims()[2];
+        let [_, kv_heads, keys, _] = k.dims();
+        let groups = heads / kv_heads;
         let valid: Option<Vec<bool>> =
             key_valid.map(|m| m.clone().into_data().into_vec::<bool>().unwrap_or_default());
-        let (q, k, v) = (host_f32(q), host_f32(k), host_f32(v));
+        let tokens_major = |t: Tensor<B, 4>| host_f32(t.swap_dims(1, 2));
+        let (q, k, v) = (tokens_major(q), tokens_major(k), tokens_major(v));
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; batch * heads * queries * d];
-        // One task per (batch, head), split into blocks of query rows.
-        let head_len = queries * d;
-        out.par_chunks_mut(head_len)
-            .enumerate()
-            .for_each(|(bh, out_head)| {
-                let b = bh / heads;
-                let base_q = &q[bh * head_len..(bh + 1) * head_len];
-                let base_k = &k[bh * keys * d..(bh + 1) * keys * d];
-                let base_v = &v[bh * keys * d..(bh + 1) * keys * d];
+        // Row strides of the tokens-major buffers.
+        let (q_row, kv_row) = (heads * d, kv_heads * d);
+        let mut out = vec![0f32; batch * queries * heads * d];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let blocks = queries.div_ceil(QUERY_BLOCK);
+        (0..batch * heads * blocks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (bh, blk) = (task / blocks, task % blocks);
+                let (b, h) = (bh / heads, bh % heads);
+                let kvh = h / groups;
+                let q0 = blk * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(queries - q0);
+                let q_blk = &q[(b * queries + q0) * q_row + h * d..];
+                let k_head = &k[b * keys * kv_row + kvh * d..];
+                let v_head = &v[b * keys * kv_row + kvh * d..];
                 let key_ok = valid.as_ref().map(|m| &m[b * keys..(b + 1) * keys]);
-                out_head
-                    .par_chunks_mut(QUERY_BLOCK * d)
-                    .enumerate()
-                    .for_each(|(blk, out_rows)| {
-                        let q0 = blk * QUERY_BLOCK;
-                        let rows = out_rows.len() / d;
-                        let mut scores = vec![0f32; rows * keys];
-                        // scores = scale * q_blk k^T (k read transposed through its strides).
-                        // SAFETY: every pointer/stride pair addresses a slice of the stated size.
-                        unsafe {
-                            matrixmultiply::sgemm(
-                                rows,
-                                d,
-                                keys,
-                                scale,
-                                base_q[q0 * d..].as_ptr(),
-                                d as isize,
-                                1,
-                                base_k.as_ptr(),
-                                1,
-                                d as isize,
-                                0.0,
-                                scores.as_mut_ptr(),
-                                keys as isize,
-                                1,
-                            );
+                let mut scores = vec![0f32; rows * keys];
+                // scores = scale * q_blk k^T; every pointer/stride pair below addresses elements
+                // inside its buffer (rows of `d` values, `q_row`/`kv_row` apart).
+                // SAFETY: as stated; `scores` is `rows x keys`, dense.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        d,
+                        keys,
+                        scale,
+                        q_blk.as_ptr(),
+                        q_row as isize,
+                        1,
+                        k_head.as_ptr(),
+                        1,
+                        kv_row as isize,
+                        0.0,
+                        scores.as_mut_ptr(),
+                        keys as isize,
+                        1,
+                    );
+                }
+                let offset = keys as i64 - queries as i64;
+                for (r, row) in scores.chunks_mut(keys).enumerate() {
+                    let qi = (q0 + r) as i64;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in row.iter_mut().enumerate() {
+                        let hidden =
+                            key_ok.is_some_and(|m| !m[j]) || (causal && j as i64 > qi + offset);
+                        if hidden {
+                            *s = f32::NEG_INFINITY;
+                        } else if *s > max {
+                            max = *s;
                         }
-                        let offset = keys as i64 - queries as i64;
-                        for (r, row) in scores.chunks_mut(keys).enumerate() {
-                            let qi = (q0 + r) as i64;
-                            let mut max = f32::NEG_INFINITY;
-                            for (j, s) in row.iter_mut().enumerate() {
-                                let hidden = key_ok.is_some_and(|m| !m[j])
-                                    || (causal && j as i64 > qi + offset);
-                                if hidden {
-                                    *s = f32::NEG_INFINITY;
-                                } else if *s > max {
-                                    max = *s;
-                                }
-                            }
-                            let mut sum = 0f32;
-                            if max == f32::NEG_INFINITY {
-                                row.iter_mut().for_each(|s| *s = 0.0);
-                                continue;
-                            }
-                            for s in row.iter_mut() {
-                                *s = (*s - max).exp();
-                                sum += *s;
-                            }
-                            let inv = 1.0 / sum;
-                            row.iter_mut().for_each(|s| *s *= inv);
-                        }
-                        // SAFETY: as above; `out_rows` holds `rows x d` values.
-                        unsafe {
-                            matrixmultiply::sgemm(
-                                rows,
-                                keys,
-                                d,
-                                1.0,
-                                scores.as_ptr(),
-                                keys as isize,
-                                1,
-                                base_v.as_ptr(),
-                                d as isize,
-                                1,
-                                0.0,
-                                out_rows.as_mut_ptr(),
-                                d as isize,
-                                1,
-                            );
-                        }
-                    });
+                    }
+                    if max == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                }
+                // out[b, q0.., h, :] = scores v
+                // SAFETY: as above; this task's output rows are written by no other task.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        keys,
+                        d,
+                        1.0,
+                        scores.as_ptr(),
+                        keys as isize,
+                        1,
+                        v_head.as_ptr(),
+                        kv_row as isize,
+                        1,
+                        0.0,
+                        out_ptr.at((b * queries + q0) * q_row + h * d),
+                        q_row as isize,
+                        1,
+                    );
+                }
             });
         Tensor::<B, 4>::from_data(
-            TensorData::new(out, [batch, heads, queries, d]),
+            TensorData::new(out, [batch, queries, heads, d]),
             (&device, DType::F32),
         )
         .cast(dtype)
+        .swap_dims(1, 2)
     }
 }
 
@@ -224,6 +257,40 @@ mod tests {
 
     fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
         (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn grouped_query_attention_reads_the_right_heads() {
+        let device = Default::default();
+        // 6 query heads over 2 key/value heads, against the same heads repeated by hand.
+        let q = Tensor::<B, 4>::random([2, 6, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<B, 4>::random([2, 2, 11, 8], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<B, 4>::random([2, 2, 11, 8], Distribution::Normal(0.0, 1.0), &device);
+        let repeat = |t: Tensor<B, 4>| {
+            Tensor::cat(
+                (0..6)
+                    .map(|h| t.clone().narrow(1, h / 3, 1))
+                    .collect::<Vec<_>>(),
+                1,
+            )
+        };
+        let reference = attention(
+            q.clone(),
+            repeat(k.clone()),
+            repeat(v.clone()),
+            None,
+            true,
+            AttentionImpl::Reference,
+        );
+        for imp in [
+            AttentionImpl::Reference,
+            AttentionImpl::Backend,
+            AttentionImpl::Host,
+        ] {
+            let got = attention(q.clone(), k.clone(), v.clone(), None, true, imp);
+            let diff = max_diff(got, reference.clone());
+            assert!(diff < 1e-5, "{imp:?}: {diff}");
+        }
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub enum CheckpointError {
     },
     #[error("{0}")]
     Mismatch(Box<MismatchReport>),
+    #[error("{file}: {source}")]
+    TooLarge {
+        file: PathBuf,
+        #[source]
+        source: crate::device::TooLarge,
+    },
 }
 
 impl CheckpointError {

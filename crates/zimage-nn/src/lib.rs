@@ -2,11 +2,15 @@
 //!
 //! - [`checkpoint`]: safetensors files and sharded sets (index json), memory-mapped, cast per tensor.
 //! - [`weights`]: building modules from named tensors, with the complete mismatch report.
+//! - [`host`]: host kernels (im2col convolution, host f32 copies) for burn-ndarray.
+//! - [`device`]: per-device tensor size limits, checked before anything is uploaded.
 //! - layers several components use: [`Linear`], [`RmsNorm`], [`attention`].
 
 pub mod attention;
 pub mod checkpoint;
+pub mod device;
 mod error;
+pub mod host;
 mod linear;
 mod norm;
 pub mod weights;

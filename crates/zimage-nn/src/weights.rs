@@ -233,6 +233,22 @@ impl<'a, B: Backend> Weights<'a, B> {
         }
     }
 
+    /// Refuses a parameter the device cannot hold in one tensor (instead of computing on zeros).
+    fn check_fits(&self, path: &str, shape: &[usize]) -> Result<(), CheckpointError> {
+        let inner = &*self.inner;
+        if matches!(inner.source, Source::Record(_)) {
+            return Ok(());
+        }
+        crate::device::check_fits::<B>(&inner.device, || path.to_string(), shape, inner.dtype)
+            .map_err(|source| CheckpointError::TooLarge {
+                file: match &inner.source {
+                    Source::Map(map) => map.checkpoint.origin().to_path_buf(),
+                    _ => "random weights".into(),
+                },
+                source,
+            })
+    }
+
     /// The tensor `name` under this prefix, which must have `shape`.
     pub fn tensor<const D: usize>(
         &self,
@@ -240,6 +256,7 @@ impl<'a, B: Backend> Weights<'a, B> {
         shape: [usize; D],
     ) -> Result<Tensor<B, D>, CheckpointError> {
         let path = self.path(name);
+        self.check_fits(&path, &shape)?;
         let inner = &*self.inner;
         let options = (&inner.device, inner.dtype);
         match &inner.source {
@@ -287,6 +304,7 @@ impl<'a, B: Backend> Weights<'a, B> {
         in_features: usize,
     ) -> Result<Tensor<B, 2>, CheckpointError> {
         let path = self.path(name);
+        self.check_fits(&path, &[out_features, in_features])?;
         let inner = &*self.inner;
         match &inner.source {
             Source::Map(map) => {

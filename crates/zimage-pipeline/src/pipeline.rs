@@ -205,7 +205,14 @@ impl<B: Backend> ZImagePipeline<B> {
         let vae = self.vae.as_ref().expect("loaded above");
         let _ = events(Event::Stage(Stage::Decoding));
         let z = vae.unscale_latents(latents.clone().cast(vae.dtype()));
-        let decoded = match &options.vae_tiling {
+        // Untiled unless asked, or unless the device cannot hold the whole decode.
+        let [batch, _, h, w] = z.dims();
+        let f = vae.downscale_factor();
+        let tiling = match options.vae_tiling {
+            Some(tiling) => Some(tiling),
+            None => vae.tiling_to_fit(batch, h * f, w * f, true)?,
+        };
+        let decoded = match &tiling {
             Some(tiling) => vae.decode_tiled(z, tiling)?,
             None => vae.decode(z)?,
         };
@@ -302,7 +309,12 @@ impl<B: Backend> ZImagePipeline<B> {
                 let _ = events(Event::Stage(Stage::EncodingImage));
                 let pixels = zimage_vae::image_to_tensor::<B>(&image, &self.device, DType::F32)
                     .cast(prompt_dtype);
-                let posterior = match &options.vae_tiling {
+                let [batch, _, h, w] = pixels.dims();
+                let tiling = match options.vae_tiling {
+                    Some(tiling) => Some(tiling),
+                    None => vae.tiling_to_fit(batch, h, w, false)?,
+                };
+                let posterior = match &tiling {
                     Some(tiling) => vae.encode_tiled(pixels, tiling)?,
                     None => vae.encode(pixels)?,
                 };

@@ -75,23 +75,11 @@ impl<B: Backend> Qwen3Attention<B> {
             .reshape([batch, tokens, kv_heads, head_dim]);
         let q = ctx.rope.apply(self.q_norm.forward(q));
         let k = ctx.rope.apply(self.k_norm.forward(k));
-        // [batch, heads, tokens, head_dim]; query head h reads key/value head h / (heads / kv_heads),
-        // as transformers' `repeat_kv`.
-        let groups = heads / kv_heads;
-        let expand = |t: Tensor<B, 4>| {
-            let t = t.swap_dims(1, 2);
-            if groups == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([batch, kv_heads, groups, tokens, head_dim])
-                    .reshape([batch, heads, tokens, head_dim])
-            }
-        };
+        // [batch, heads, tokens, head_dim]; attention maps query heads onto key/value heads (GQA).
         let out = attention(
             q.swap_dims(1, 2),
-            expand(k),
-            expand(v),
+            k.swap_dims(1, 2),
+            v.swap_dims(1, 2),
             ctx.key_valid.as_ref(),
             true,
             ctx.attention,

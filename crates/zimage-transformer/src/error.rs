@@ -19,4 +19,6 @@ pub enum TransformerError {
     Checkpoint(#[from] CheckpointError),
     #[error("invalid transformer input: {0}")]
     Input(String),
+    #[error(transparent)]
+    TooLarge(#[from] zimage_nn::device::TooLarge),
 }

@@ -274,6 +274,14 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
             .iter()
             .map(|l| l.image_padded + l.caption_padded)
             .collect();
+        // The largest activation of the pass: refuse it rather than compute on a truncated buffer.
+        let longest = unified_lens.iter().copied().max().unwrap_or(0);
+        zimage_nn::device::check_fits::<B>(
+            &device,
+            || "the main layers' feed-forward activation".into(),
+            &[batch, longest, self.config.ffn_hidden_dim()],
+            dtype,
+        )?;
         let unified_runs: Vec<Tensor<B, 2>> = (0..batch)
             .map(|i| {
                 let l = &layouts[i];

@@ -3,6 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::TransformerError;
 
@@ -81,11 +82,13 @@ impl RopeEmbedder {
 }
 
 /// A batch's rotation on the device, f32, `[batch, tokens, 1, pairs, 1]` so that it broadcasts
-/// over heads.
+/// over heads. On burn-ndarray the rotation runs on the host from the table instead: there the
+/// device version's strided slices and concatenation cost more than the attention's products.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     cos: Tensor<B, 5>,
     sin: Tensor<B, 5>,
+    host: Option<std::sync::Arc<RopeTable>>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -102,9 +105,12 @@ impl<B: Backend> Rope<B> {
                 (device, DType::F32),
             )
         };
+        let host = zimage_nn::host::is_host_backend::<B>(device)
+            .then(|| std::sync::Arc::new(table.clone()));
         Self {
             cos: upload(table.cos),
             sin: upload(table.sin),
+            host,
         }
     }
 
@@ -115,6 +121,31 @@ impl<B: Backend> Rope<B> {
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let dtype = x.dtype();
         let [batch, tokens, heads, head_dim] = x.dims();
+        if let Some(table) = &self.host {
+            let device = x.device();
+            let mut values = zimage_nn::host::host_f32(x);
+            let pairs = head_dim / 2;
+            // One token's heads per chunk; its cos/sin row is shared by every head.
+            values
+                .par_chunks_mut(heads * head_dim)
+                .enumerate()
+                .for_each(|(token, row)| {
+                    let cos = &table.cos[token * pairs..(token + 1) * pairs];
+                    let sin = &table.sin[token * pairs..(token + 1) * pairs];
+                    for head in row.chunks_mut(head_dim) {
+                        for ((pair, &c), &s) in head.chunks_mut(2).zip(cos).zip(sin) {
+                            let (re, im) = (pair[0], pair[1]);
+                            pair[0] = re * c - im * s;
+                            pair[1] = re * s + im * c;
+                        }
+                    }
+                });
+            return Tensor::<B, 4>::from_data(
+                TensorData::new(values, [batch, tokens, heads, head_dim]),
+                (&device, DType::F32),
+            )
+            .cast(dtype);
+        }
         let x = x
             .cast(DType::F32)
             .reshape([batch, tokens, heads, head_dim / 2, 2]);

@@ -152,6 +152,46 @@ impl AutoencoderKLConfig {
         1 << self.num_blocks().saturating_sub(1)
     }
 
+    /// The shape of the largest activation of an untiled encode (`decode == false`) or decode of
+    /// `batch` images of `height x width` pixels: a feature map, or the mid-block attention's
+    /// `[batch, 1, tokens, tokens]` scores when larger.
+    ///
+    /// Level `j` of the U-shape holds `height * width / 4^j` pixels. The encoder has the channels of
+    /// block `j` there and, entering it, those of block `j - 1`; the decoder has those of block
+    /// `j` and, leaving the upsampling of the level below, those of block `j + 1`.
+    pub fn largest_activation(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        decode: bool,
+    ) -> [usize; 4] {
+        let ch = &self.block_out_channels;
+        let mut largest = [batch, 0, 0, 0];
+        let elements = |shape: &[usize; 4]| shape.iter().product::<usize>();
+        for j in 0..ch.len() {
+            let neighbour = if decode {
+                ch.get(j + 1)
+            } else {
+                j.checked_sub(1).and_then(|i| ch.get(i))
+            };
+            let channels = ch[j].max(neighbour.copied().unwrap_or(0));
+            let shape = [batch, channels, height >> j, width >> j];
+            if elements(&shape) > elements(&largest) {
+                largest = shape;
+            }
+        }
+        if self.mid_block_add_attention {
+            let f = self.downscale_factor();
+            let tokens = (height / f) * (width / f);
+            let scores = [batch, 1, tokens, tokens];
+            if elements(&scores) > elements(&largest) {
+                largest = scores;
+            }
+        }
+        largest
+    }
+
     /// `shift_factor`, 0 when the config has none.
     pub fn shift(&self) -> f64 {
         self.shift_factor.unwrap_or(0.0)

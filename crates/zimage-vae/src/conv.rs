@@ -48,6 +48,15 @@ impl<B: Backend> Conv2d<B> {
     /// # Shapes
     /// `[batch, in, height, width]` -> `[batch, out, height', width']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if zimage_nn::host::is_host_backend::<B>(&x.device()) {
+            return zimage_nn::host::conv2d(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                self.stride,
+                self.padding,
+            );
+        }
         conv2d(
             x,
             self.weight.val(),

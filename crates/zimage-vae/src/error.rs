@@ -52,6 +52,9 @@ pub enum VaeError {
         width: usize,
         downsamples: usize,
     },
+    /// An activation larger than the device holds in one tensor: decode or encode in tiles.
+    #[error(transparent)]
+    TooLarge(#[from] zimage_nn::device::TooLarge),
     /// Images of different sizes in one batch, tensors of an unexpected dtype or layout.
     #[error("{0}")]
     Image(String),

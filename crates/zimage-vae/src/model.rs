@@ -141,6 +141,8 @@ impl<B: Backend> AutoencoderKL<B> {
         images: Tensor<B, 4>,
     ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
         self.check_images(&images)?;
+        let [batch, _, height, width] = images.dims();
+        self.check_fits(batch, height, width, false)?;
         Ok(DiagonalGaussianDistribution::new(
             self.encode_moments(images.cast(self.dtype())),
         ))
@@ -159,7 +161,9 @@ impl<B: Backend> AutoencoderKL<B> {
     ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
         self.check_images(&images)?;
         let plan = tiling.encode_plan()?;
-        let [_, _, height, width] = images.dims();
+        let [batch, _, height, width] = images.dims();
+        let tile = tiling.tile_sample_min_size;
+        self.check_fits(batch, height.min(tile), width.min(tile), false)?;
         let images = images.cast(self.dtype());
         if height.max(width) <= tiling.tile_sample_min_size {
             return Ok(DiagonalGaussianDistribution::new(
@@ -194,6 +198,9 @@ impl<B: Backend> AutoencoderKL<B> {
     /// `[batch, latent_channels, h, w]` -> `[batch, out_channels, h * f, w * f]`
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, VaeError> {
         self.check_latents(&latents)?;
+        let [batch, _, height, width] = latents.dims();
+        let f = self.downscale_factor();
+        self.check_fits(batch, height * f, width * f, true)?;
         Ok(self.decode_whole(latents.cast(self.dtype())))
     }
 
@@ -210,7 +217,9 @@ impl<B: Backend> AutoencoderKL<B> {
     ) -> Result<Tensor<B, 4>, VaeError> {
         self.check_latents(&latents)?;
         let plan = tiling.decode_plan()?;
-        let [_, _, height, width] = latents.dims();
+        let [batch, _, height, width] = latents.dims();
+        let (tile, f) = (tiling.tile_latent_min_size, self.downscale_factor());
+        self.check_fits(batch, height.min(tile) * f, width.min(tile) * f, true)?;
         let latents = latents.cast(self.dtype());
         if height.max(width) <= tiling.tile_latent_min_size {
             return Ok(self.decode_whole(latents));
@@ -249,6 +258,50 @@ impl<B: Backend> AutoencoderKL<B> {
             None => latents,
         };
         self.decoder.forward(latents, self.attention)
+    }
+
+    /// Whether an untiled pass over `height x width` pixels fits the device
+    /// (see [`zimage_nn::device`]).
+    pub fn check_fits(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        decode: bool,
+    ) -> Result<(), VaeError> {
+        let shape = self.config.largest_activation(batch, height, width, decode);
+        let what = || {
+            let pass = if decode { "decode" } else { "encode" };
+            format!("the largest VAE activation of a {height}x{width} {pass}")
+        };
+        let device = self.encoder.conv_in.weight.val().device();
+        zimage_nn::device::check_fits::<B>(&device, what, &shape, self.dtype())?;
+        Ok(())
+    }
+
+    /// The tiling, if any, that lets a `height x width` pass fit the device: `None` when the
+    /// whole image fits, else the largest tile of 512, 256, 128... pixels that does.
+    pub fn tiling_to_fit(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        decode: bool,
+    ) -> Result<Option<TilingConfig>, VaeError> {
+        let Err(too_large) = self.check_fits(batch, height, width, decode) else {
+            return Ok(None);
+        };
+        let f = self.downscale_factor();
+        std::iter::successors(Some(512usize), |&tile| Some(tile / 2))
+            .take_while(|&tile| tile >= 2 * f)
+            .map(|tile| TilingConfig::for_sample_size(tile, &self.config))
+            .find(|tiling| {
+                let side = tiling.tile_sample_min_size;
+                self.check_fits(batch, height.min(side), width.min(side), decode)
+                    .is_ok()
+            })
+            .map(Some)
+            .ok_or(too_large)
     }
 
     fn check_images(&self, images: &Tensor<B, 4>) -> Result<(), VaeError> {

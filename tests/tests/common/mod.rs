@@ -6,6 +6,7 @@ pub mod pipeline;
 use std::path::PathBuf;
 
 use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::SafeTensors;
 
@@ -13,7 +14,12 @@ pub type B = NdArray<f32>;
 
 /// `tests/fixtures` of the workspace, from whichever package's tests include this module.
 pub fn fixtures() -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    // The run-time value first: a test binary built by another checkout sharing the target
+    // directory must read this checkout's fixtures.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .ancestors()
         .map(|dir| dir.join("tests/fixtures"))
         .find(|dir| dir.is_dir())
@@ -59,8 +65,33 @@ impl Case {
         name: &str,
         device: &burn::tensor::Device<B>,
     ) -> Tensor<B, D> {
+        self.tensor_on::<B, D>(name, device)
+    }
+
+    /// [`Case::tensor`] on any backend (f32).
+    pub fn tensor_on<BK: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &BK::Device,
+    ) -> Tensor<BK, D> {
         let (values, shape) = self.values(name);
         Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
+    }
+
+    /// An int64 tensor of the case, as token ids.
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        let view = self.view();
+        let t = view
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+        t.data()
+            .chunks_exact(8)
+            .map(|b| {
+                let v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+                u32::try_from(v).expect("token id")
+            })
+            .collect()
     }
 
     /// Number of indexed entries `prefix.0`, `prefix.1`, ...
@@ -86,7 +117,7 @@ pub fn errors(actual: &[f32], expected: &[f32]) -> (f64, f64) {
     ((diff2 / ref2.max(f64::MIN_POSITIVE)).sqrt(), max_abs)
 }
 
-pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub fn to_vec<BK: Backend, const D: usize>(t: Tensor<BK, D>) -> Vec<f32> {
     t.cast(DType::F32)
         .into_data()
         .to_vec::<f32>()

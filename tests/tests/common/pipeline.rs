@@ -4,7 +4,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use burn::tensor::backend::Backend;
 use serde::Deserialize;
+use zimage_pipeline::{GenerateOptions, InitImage, ZImagePipeline};
 
 use super::fixtures;
 
@@ -29,8 +31,9 @@ pub fn model_folder() -> PathBuf {
     static FOLDER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     FOLDER
         .get_or_init(|| {
-            let dir =
-                std::env::temp_dir().join(format!("zimage-tiny-pipeline-{}", std::process::id()));
+            // One folder per test binary in cargo's scratch directory, rebuilt on each run.
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(concat!("tiny-pipeline-", env!("CARGO_CRATE_NAME")));
             let _ = std::fs::remove_dir_all(&dir);
             copy_dir(&fixtures().join("pipeline/tiny"), &dir);
             copy_dir(
@@ -90,4 +93,44 @@ pub fn load_png(path: &Path) -> image::RgbImage {
     image::open(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .to_rgb8()
+}
+
+/// The library call equivalent to a recorded diffusers call.
+pub fn options<BK: Backend>(case: &PipelineCase, pipeline: &ZImagePipeline<BK>) -> GenerateOptions {
+    let a = &case.args;
+    let prompts: Vec<String> = match &a["prompt"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(v) => v.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
+        other => panic!("prompt {other}"),
+    };
+    let mut o = pipeline.options(prompts[0].clone());
+    o.prompts = prompts;
+    if let Some(n) = a["negative_prompt"].as_str() {
+        o.negative_prompts = Some(vec![n.to_string(); o.prompts.len()]);
+    }
+    o.num_inference_steps = a["num_inference_steps"].as_u64().unwrap() as usize;
+    o.guidance_scale = a["guidance_scale"].as_f64().unwrap() as f32;
+    o.cfg_normalization = a["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
+    o.cfg_truncation = a["cfg_truncation"].as_f64().unwrap_or(1.0);
+    o.num_images_per_prompt = a["num_images_per_prompt"].as_u64().unwrap_or(1) as usize;
+    o.seed = a["seed"].as_u64().unwrap();
+    if let Some(image) = a["image"].as_str() {
+        let image = load_png(&fixtures().join("pipeline").join(image));
+        o.width = image.width() as usize;
+        o.height = image.height() as usize;
+        let mask = a["mask"].as_str().map(|m| {
+            image::open(fixtures().join("pipeline").join(m))
+                .unwrap()
+                .to_luma8()
+        });
+        o.init_image = Some(InitImage {
+            image,
+            strength: a["strength"].as_f64().unwrap(),
+            mask,
+        });
+    } else {
+        o.width = a["width"].as_u64().unwrap() as usize;
+        o.height = a["height"].as_u64().unwrap() as usize;
+    }
+    o
 }

@@ -1,0 +1,233 @@
+//! One parity fixture per component and one end-to-end pipeline case on the GPU backends.
+//!
+//! - wgpu in f32, always built: CI runs it on Mesa's software Vulkan driver (lavapipe, installed by
+//!   `.ci/run`, which then sets `ZIMAGE_REQUIRE_WGPU=1`), with the ndarray tolerances (components
+//!   1e-4 relative L2, images PSNR >= 40 dB).
+//! - cuda in f32 and bf16, with `--features cuda` (`scripts/device-check.sh` on a GPU machine;
+//!   `ZIMAGE_REQUIRE_CUDA=1` there). bf16 is compared with diffusers' f32 outputs, within bf16's
+//!   rounding.
+//!
+//! Without the variable, a machine where the backend has no device skips with a message; with it, a
+//! missing device is a failure.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use common::pipeline::{cases, load_png, model_folder, options, psnr};
+use common::{errors, fixtures, to_vec, Case};
+use zimage_pipeline::{ModelFolder, ZImagePipeline};
+use zimage_text::Qwen3TextEncoder;
+use zimage_transformer::ZImageTransformer2DModel;
+use zimage_vae::AutoencoderKL;
+
+/// What one backend and dtype is held to.
+#[derive(Clone, Copy)]
+struct Bar {
+    /// Components: relative L2 against diffusers/transformers.
+    rel_l2: f64,
+    /// End to end: PSNR against diffusers' image.
+    psnr_db: f64,
+}
+
+const F32: Bar = Bar {
+    rel_l2: 1e-4,
+    psnr_db: 40.0,
+};
+
+/// The default device of `BK`, if it answers; `require` names the variable that makes a missing
+/// device a failure.
+fn device<BK: Backend>(require: &str) -> Option<BK::Device> {
+    let device = BK::Device::default();
+    let probe = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        Tensor::<BK, 1>::from_floats([1.0, 2.0], &device)
+            .sum()
+            .into_scalar()
+            .to_string()
+    }));
+    match probe {
+        Ok(sum) => {
+            assert_eq!(sum, "3", "1 + 2 on {}", BK::name(&device));
+            Some(device)
+        }
+        Err(_) if std::env::var_os(require).is_some() => {
+            panic!("{require} is set, but the backend's device did not answer")
+        }
+        Err(_) => {
+            eprintln!("skipped: no device answered ({require}=1 makes this a failure)");
+            None
+        }
+    }
+}
+
+fn check(label: &str, actual: Vec<f32>, expected: &[f32], bar: Bar) {
+    let (rel, max) = errors(&actual, expected);
+    println!("{label}: rel L2 {rel:.3e}, max abs {max:.3e}");
+    assert!(rel <= bar.rel_l2, "{label}: rel L2 {rel:.3e}");
+}
+
+fn transformer<BK: Backend>(device: &BK::Device, dtype: DType, bar: Bar) {
+    let dir = fixtures().join("transformer/a");
+    let model = ZImageTransformer2DModel::<BK>::from_folder(dir.join("transformer"), device, dtype)
+        .expect("load");
+    // Two items with different caption lengths: the key-padding mask is exercised too.
+    let case = Case::open(dir.join("cases/batch2_caption_lengths.safetensors"));
+    let n = case.count("latent");
+    let latents: Vec<Tensor<BK, 4>> = (0..n)
+        .map(|i| case.tensor_on(&format!("latent.{i}"), device))
+        .collect();
+    let captions: Vec<Tensor<BK, 2>> = (0..n)
+        .map(|i| case.tensor_on(&format!("caption.{i}"), device))
+        .collect();
+    let (timesteps, _) = case.values("timesteps");
+    let out = model
+        .forward(&latents, &timesteps, &captions)
+        .expect("forward");
+    for (i, o) in out.into_iter().enumerate() {
+        let label = format!("{} {dtype:?} transformer a[{i}]", BK::name(device));
+        check(&label, to_vec(o), &case.values(&format!("out.{i}")).0, bar);
+    }
+}
+
+fn vae<BK: Backend>(device: &BK::Device, dtype: DType, bar: Bar) {
+    let dir = fixtures().join("vae/a");
+    let model = AutoencoderKL::<BK>::from_folder(dir.join("vae"), device, dtype).expect("load");
+    let case = Case::open(dir.join("cases/square.safetensors"));
+    let label = format!("{} {dtype:?} vae", BK::name(device));
+    let posterior = model
+        .encode(case.tensor_on("image", device))
+        .expect("encode");
+    check(
+        &format!("{label} encode mean"),
+        to_vec(posterior.mean),
+        &case.values("mean").0,
+        bar,
+    );
+    let decoded = model
+        .decode(case.tensor_on("latents", device))
+        .expect("decode");
+    check(
+        &format!("{label} decode"),
+        to_vec(decoded),
+        &case.values("decoded").0,
+        bar,
+    );
+}
+
+fn text_encoder<BK: Backend>(device: &BK::Device, dtype: DType, bar: Bar) {
+    let dir = fixtures().join("text/a");
+    let model =
+        Qwen3TextEncoder::<BK>::from_folder(dir.join("text_encoder"), device, dtype).expect("load");
+    let case = Case::open(dir.join("cases/batch3.safetensors"));
+    let batch: Vec<Vec<u32>> = (0..case.count("ids"))
+        .map(|i| case.ids(&format!("ids.{i}")))
+        .collect();
+    let features = model.encode(&batch).expect("encode");
+    for (i, f) in features.into_iter().enumerate() {
+        let label = format!("{} {dtype:?} text encoder batch3[{i}]", BK::name(device));
+        check(
+            &label,
+            to_vec(f),
+            &case.values(&format!("features.{i}")).0,
+            bar,
+        );
+    }
+}
+
+fn pipeline<BK: Backend>(device: &BK::Device, dtype: DType, bar: Bar) {
+    let folder = ModelFolder::open(model_folder()).expect("model folder");
+    let mut pipeline = ZImagePipeline::<BK>::new(folder, device, dtype).expect("pipeline");
+    // Text-to-image with guidance, a negative prompt, cfg normalization and truncation: every
+    // stage and the batch-of-two transformer path.
+    let all = cases();
+    let case = all
+        .iter()
+        .find(|c| c.name == "t2i_guidance")
+        .expect("the t2i_guidance case");
+    let out = pipeline
+        .generate(
+            &options(case, &pipeline),
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .expect("generate");
+    for (image, file) in out.images.iter().zip(&case.expected) {
+        let db = psnr(image, &load_png(&fixtures().join("pipeline").join(file)));
+        println!("{} {dtype:?} {file}: PSNR {db:.1} dB", BK::name(device));
+        assert!(db >= bar.psnr_db, "{file}: PSNR {db:.1} dB");
+    }
+}
+
+/// The four checks of one backend and dtype, each its own test.
+macro_rules! backend_tests {
+    ($module:ident, $backend:ty, $require:literal, $dtype:expr, $bar:expr) => {
+        mod $module {
+            use super::*;
+            type BK = $backend;
+
+            #[test]
+            fn transformer_matches_diffusers() {
+                if let Some(device) = device::<BK>($require) {
+                    transformer::<BK>(&device, $dtype, $bar);
+                }
+            }
+
+            #[test]
+            fn vae_matches_diffusers() {
+                if let Some(device) = device::<BK>($require) {
+                    vae::<BK>(&device, $dtype, $bar);
+                }
+            }
+
+            #[test]
+            fn text_encoder_matches_transformers() {
+                if let Some(device) = device::<BK>($require) {
+                    text_encoder::<BK>(&device, $dtype, $bar);
+                }
+            }
+
+            #[test]
+            fn pipeline_reproduces_diffusers_image() {
+                if let Some(device) = device::<BK>($require) {
+                    pipeline::<BK>(&device, $dtype, $bar);
+                }
+            }
+        }
+    };
+}
+
+backend_tests!(
+    wgpu_f32,
+    burn::backend::Wgpu,
+    "ZIMAGE_REQUIRE_WGPU",
+    DType::F32,
+    F32
+);
+
+#[cfg(feature = "cuda")]
+backend_tests!(
+    cuda_f32,
+    burn::backend::Cuda,
+    "ZIMAGE_REQUIRE_CUDA",
+    DType::F32,
+    // Other kernels, another summation order than PyTorch's CPU ones.
+    Bar {
+        rel_l2: 1e-3,
+        psnr_db: 40.0
+    }
+);
+
+#[cfg(feature = "cuda")]
+backend_tests!(
+    cuda_bf16,
+    burn::backend::Cuda,
+    "ZIMAGE_REQUIRE_CUDA",
+    DType::BF16,
+    // bf16 keeps 8 bits of mantissa: ~4e-3 per rounding, compounded through the layers.
+    Bar {
+        rel_l2: 3e-2,
+        psnr_db: 25.0
+    }
+);
