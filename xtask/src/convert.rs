@@ -484,7 +484,9 @@ mod tests {
     use crate::writer::hex;
 
     fn repo_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+        // At run time, as tests/tests/common does: the binary may come from another checkout.
+        let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo test");
+        Path::new(&manifest).join("..")
     }
 
     fn copy_tree(from: &Path, to: &Path) {

@@ -19,7 +19,10 @@ const SHARD: &str = "transformer/diffusion_pytorch_model-00001-of-00003.safetens
 /// The tiny pipeline fixture plus a small sharded text encoder, a tokenizer, and files the
 /// pipeline does not need (which must not be downloaded).
 fn tiny_repo() -> BTreeMap<String, Vec<u8>> {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline/tiny");
+    // Read at run time: a test binary reused from another checkout (shared target dir) must
+    // still find this checkout's fixtures.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo test");
+    let fixture = Path::new(&manifest).join("../../tests/fixtures/pipeline/tiny");
     let mut files = BTreeMap::new();
     add_tree(&fixture, &fixture, &mut files);
     assert!(files.contains_key(SHARD), "fixture lacks {SHARD}");

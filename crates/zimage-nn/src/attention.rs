@@ -16,9 +16,10 @@ pub enum AttentionImpl {
     /// Plain matmul-softmax-matmul with the softmax in f32; the reference the others are
     /// tested against.
     Reference,
-    /// Blocked attention on the host in f32 (copies in and out). burn-ndarray's attention
-    /// materialises the whole score tensor and runs its element-wise passes on one thread; this
-    /// keeps a block of scores in cache and runs blocks in parallel, ~5x faster on a CPU.
+    /// Blocked attention on the host in f32 (copies in and out where the backend is not
+    /// burn-ndarray). burn-ndarray's attention materialises the whole score tensor and runs its
+    /// element-wise passes on one thread; this packs each head's keys and values once, keeps a
+    /// block of scores in cache, and runs heads in parallel.
     Host,
 }
 
@@ -111,10 +112,11 @@ pub fn attention<B: Backend>(
 
 mod host {
     use burn::tensor::backend::Backend;
-    use burn::tensor::{Bool, DType, Tensor, TensorData};
+    use burn::tensor::{Bool, Tensor};
     use rayon::prelude::*;
 
-    use crate::host::host_f32;
+    use crate::host::gemm::{MatRef, PackedB, Threads};
+    use crate::host::{from_f32, host_f32, kernels};
 
     /// Query rows per block: a block's scores (`QUERY_BLOCK x keys` f32) stay in L2.
     const QUERY_BLOCK: usize = 64;
@@ -122,7 +124,7 @@ mod host {
     /// The output buffer, shared by tasks that write disjoint rows of it.
     #[derive(Clone, Copy)]
     struct OutPtr(*mut f32);
-    // SAFETY: each task writes only its own (batch, head, query block) rows.
+    // SAFETY: each task writes only its own (batch, head) columns.
     unsafe impl Send for OutPtr {}
     unsafe impl Sync for OutPtr {}
 
@@ -157,93 +159,90 @@ mod host {
         let (q_row, kv_row) = (heads * d, kv_heads * d);
         let mut out = vec![0f32; batch * queries * heads * d];
         let out_ptr = OutPtr(out.as_mut_ptr());
-        let blocks = queries.div_ceil(QUERY_BLOCK);
-        (0..batch * heads * blocks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (bh, blk) = (task / blocks, task % blocks);
-                let (b, h) = (bh / heads, bh % heads);
-                let kvh = h / groups;
-                let q0 = blk * QUERY_BLOCK;
-                let rows = QUERY_BLOCK.min(queries - q0);
-                let q_blk = &q[(b * queries + q0) * q_row + h * d..];
-                let k_head = &k[b * keys * kv_row + kvh * d..];
-                let v_head = &v[b * keys * kv_row + kvh * d..];
-                let key_ok = valid.as_ref().map(|m| &m[b * keys..(b + 1) * keys]);
-                let mut scores = vec![0f32; rows * keys];
-                // scores = scale * q_blk k^T; every pointer/stride pair below addresses elements
-                // inside its buffer (rows of `d` values, `q_row`/`kv_row` apart).
-                // SAFETY: as stated; `scores` is `rows x keys`, dense.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
+        let offset = keys as i64 - queries as i64;
+        // One task per (batch, head): its keys and values are packed once for all query blocks.
+        (0..batch * heads).into_par_iter().for_each(|bh| {
+            let (b, h) = (bh / heads, bh % heads);
+            let kvh = h / groups;
+            let key_ok = valid.as_ref().map(|m| &m[b * keys..(b + 1) * keys]);
+            let k_head = k[b * keys * kv_row + kvh * d..].as_ptr();
+            let v_head = v[b * keys * kv_row + kvh * d..].as_ptr();
+            // SAFETY: k^T (d x keys) and v (keys x d) are read inside this batch item's rows,
+            // `kv_row` apart.
+            let (k_t, v_packed) = unsafe {
+                (
+                    PackedB::new(
                         d,
                         keys,
-                        scale,
-                        q_blk.as_ptr(),
-                        q_row as isize,
-                        1,
-                        k_head.as_ptr(),
-                        1,
-                        kv_row as isize,
-                        0.0,
+                        MatRef {
+                            ptr: k_head,
+                            rs: 1,
+                            cs: kv_row as isize,
+                        },
+                        Threads::Single,
+                    ),
+                    PackedB::new(
+                        keys,
+                        d,
+                        MatRef {
+                            ptr: v_head,
+                            rs: kv_row as isize,
+                            cs: 1,
+                        },
+                        Threads::Single,
+                    ),
+                )
+            };
+            let mut scores = vec![0f32; QUERY_BLOCK.min(queries) * keys];
+            for q0 in (0..queries).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(queries - q0);
+                let scores = &mut scores[..rows * keys];
+                let q_blk = MatRef {
+                    ptr: q[(b * queries + q0) * q_row + h * d..].as_ptr(),
+                    rs: q_row as isize,
+                    cs: 1,
+                };
+                // SAFETY: q_blk is `rows x d` inside q; scores is `rows x keys`, dense.
+                unsafe {
+                    k_t.multiply(
+                        rows,
+                        q_blk,
                         scores.as_mut_ptr(),
-                        keys as isize,
-                        1,
-                    );
-                }
-                let offset = keys as i64 - queries as i64;
+                        keys,
+                        false,
+                        Threads::Single,
+                    )
+                };
                 for (r, row) in scores.chunks_mut(keys).enumerate() {
                     let qi = (q0 + r) as i64;
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in row.iter_mut().enumerate() {
-                        let hidden =
-                            key_ok.is_some_and(|m| !m[j]) || (causal && j as i64 > qi + offset);
-                        if hidden {
-                            *s = f32::NEG_INFINITY;
-                        } else if *s > max {
-                            max = *s;
-                        }
+                    if let Some(ok) = key_ok {
+                        row.iter_mut()
+                            .zip(ok)
+                            .filter(|(_, ok)| !**ok)
+                            .for_each(|(s, _)| *s = f32::NEG_INFINITY);
                     }
-                    if max == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                        continue;
+                    if causal {
+                        let first_hidden = (qi + offset + 1).clamp(0, keys as i64) as usize;
+                        row[first_hidden..].fill(f32::NEG_INFINITY);
                     }
-                    let mut sum = 0f32;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|s| *s *= inv);
+                    kernels::softmax(row, scale);
                 }
                 // out[b, q0.., h, :] = scores v
-                // SAFETY: as above; this task's output rows are written by no other task.
+                // SAFETY: scores is `rows x keys`; this task alone writes these output rows of
+                // head h, `q_row` apart.
                 unsafe {
-                    matrixmultiply::sgemm(
+                    v_packed.multiply(
                         rows,
-                        keys,
-                        d,
-                        1.0,
-                        scores.as_ptr(),
-                        keys as isize,
-                        1,
-                        v_head.as_ptr(),
-                        kv_row as isize,
-                        1,
-                        0.0,
+                        MatRef::row_major(scores, keys),
                         out_ptr.at((b * queries + q0) * q_row + h * d),
-                        q_row as isize,
-                        1,
-                    );
-                }
-            });
-        Tensor::<B, 4>::from_data(
-            TensorData::new(out, [batch, queries, heads, d]),
-            (&device, DType::F32),
-        )
-        .cast(dtype)
-        .swap_dims(1, 2)
+                        q_row,
+                        false,
+                        Threads::Single,
+                    )
+                };
+            }
+        });
+        from_f32::<B, 4>(out, [batch, queries, heads, d], &device, dtype).swap_dims(1, 2)
     }
 }
 

@@ -2,6 +2,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::host::{self, gemm, gemm::MatRef, gemm::Threads};
 use crate::{CheckpointError, Weights};
 
 /// `y = x W^T + b`, loaded from a PyTorch `nn.Linear` (`weight [out, in]`, optional `bias [out]`).
@@ -39,12 +40,50 @@ impl<B: Backend> Linear<B> {
         let mut dims = x.dims();
         let [k, n] = self.weight.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
+        dims[D - 1] = n;
+        if host::is_host_backend::<B>(&x.device()) {
+            return self.forward_host(x, rows, dims);
+        }
         let y = x.reshape([rows, k]).matmul(self.weight.val());
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,
         };
-        dims[D - 1] = n;
         y.reshape(dims)
+    }
+
+    /// The product through [`host::gemm`], with the bias as the accumulator's start; the input
+    /// and the weight are read in place.
+    fn forward_host<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        rows: usize,
+        dims: [usize; D],
+    ) -> Tensor<B, D> {
+        let (device, dtype) = (x.device(), x.dtype());
+        let [k, n] = self.weight.dims();
+        let mut y = match &self.bias {
+            Some(bias) => host::with_f32(&bias.val(), |b| b.repeat(rows)),
+            None => vec![0f32; rows * n],
+        };
+        host::with_f32(&x, |x| {
+            host::with_f32(&self.weight.val(), |w| {
+                // SAFETY: x is `rows x k`, w `k x n` and y `rows x n`, all dense.
+                unsafe {
+                    gemm::sgemm(
+                        rows,
+                        k,
+                        n,
+                        MatRef::row_major(x, k),
+                        MatRef::row_major(w, n),
+                        y.as_mut_ptr(),
+                        n,
+                        self.bias.is_some(),
+                        Threads::Rayon,
+                    )
+                }
+            })
+        });
+        host::from_f32(y, dims, &device, dtype)
     }
 }

@@ -2,6 +2,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
+use crate::host::{self, kernels};
 use crate::{CheckpointError, Weights};
 
 /// RMSNorm over the last dimension, as diffusers and transformers compute it: the mean square in
@@ -21,11 +22,70 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if host::is_host_backend::<B>(&x.device()) {
+            let (device, dtype, dims) = (x.device(), x.dtype(), x.dims());
+            let y = host::with_f32(&x, |x| {
+                host::with_f32(&self.weight.val(), |w| {
+                    kernels::rms_norm(x, w, self.eps as f32, None)
+                })
+            });
+            return host::from_f32(y, dims, &device, dtype);
+        }
         let weight = self.weight.val();
         let x = x.cast(DType::F32);
         let mean_square = x.clone().square().mean_dim(D - 1);
         let y = x * rsqrt(mean_square.add_scalar(self.eps));
         y.cast(weight.dtype()) * weight.unsqueeze::<D>()
+    }
+
+    /// `forward(x) * multiplier`, the multiplier per batch item (the DiT's `1 + scale`).
+    ///
+    /// # Shapes
+    /// x `[batch, tokens, dim]`, multiplier `[batch, dim]` -> `[batch, tokens, dim]`
+    pub fn forward_scaled(&self, x: Tensor<B, 3>, multiplier: &Tensor<B, 2>) -> Tensor<B, 3> {
+        if host::is_host_backend::<B>(&x.device()) {
+            let (device, dtype, dims) = (x.device(), x.dtype(), x.dims());
+            let y = host::with_f32(&x, |x| {
+                host::with_f32(&self.weight.val(), |w| {
+                    host::with_f32(multiplier, |m| {
+                        kernels::rms_norm(x, w, self.eps as f32, Some((m, dims[1])))
+                    })
+                })
+            });
+            return host::from_f32(y, dims, &device, dtype);
+        }
+        self.forward(x) * multiplier.clone().unsqueeze_dim::<3>(1)
+    }
+
+    /// `residual + multiplier * forward(y)`, the multiplier per batch item when given (the DiT's
+    /// gated residual, `tanh(gate)`); on the host `residual`'s buffer is reused.
+    ///
+    /// # Shapes
+    /// residual and y `[batch, tokens, dim]`, multiplier `[batch, dim]` -> `[batch, tokens, dim]`
+    pub fn add_to(
+        &self,
+        residual: Tensor<B, 3>,
+        y: Tensor<B, 3>,
+        multiplier: Option<&Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        if host::is_host_backend::<B>(&residual.device()) {
+            let (device, dtype, dims) = (residual.device(), residual.dtype(), residual.dims());
+            let mut out = host::host_f32(residual);
+            host::with_f32(&y, |y| {
+                host::with_f32(&self.weight.val(), |w| match multiplier {
+                    Some(m) => host::with_f32(m, |m| {
+                        kernels::add_rms_norm(&mut out, y, w, self.eps as f32, Some((m, dims[1])))
+                    }),
+                    None => kernels::add_rms_norm(&mut out, y, w, self.eps as f32, None),
+                })
+            });
+            return host::from_f32(out, dims, &device, dtype);
+        }
+        let normed = self.forward(y);
+        match multiplier {
+            Some(m) => residual + m.clone().unsqueeze_dim::<3>(1) * normed,
+            None => residual + normed,
+        }
     }
 }
 

@@ -1,9 +1,8 @@
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 use zimage_nn::attention::attention;
-use zimage_nn::{AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
+use zimage_nn::{reshape, silu_mul, AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
 
 use crate::rope::Rope;
 use crate::Qwen3Config;
@@ -61,18 +60,15 @@ impl<B: Backend> Qwen3Attention<B> {
         let [batch, tokens, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads, self.head_dim);
         // [batch, tokens, heads, head_dim]: the norms and the rotation act per head.
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([batch, tokens, heads, head_dim]);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([batch, tokens, kv_heads, head_dim]);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([batch, tokens, kv_heads, head_dim]);
+        let q = reshape(
+            self.q_proj.forward(x.clone()),
+            [batch, tokens, heads, head_dim],
+        );
+        let k = reshape(
+            self.k_proj.forward(x.clone()),
+            [batch, tokens, kv_heads, head_dim],
+        );
+        let v = reshape(self.v_proj.forward(x), [batch, tokens, kv_heads, head_dim]);
         let q = ctx.rope.apply(self.q_norm.forward(q));
         let k = ctx.rope.apply(self.k_norm.forward(k));
         // [batch, heads, tokens, head_dim]; attention maps query heads onto key/value heads (GQA).
@@ -84,10 +80,10 @@ impl<B: Backend> Qwen3Attention<B> {
             true,
             ctx.attention,
         );
-        self.o_proj.forward(
-            out.swap_dims(1, 2)
-                .reshape([batch, tokens, heads * head_dim]),
-        )
+        self.o_proj.forward(reshape(
+            out.swap_dims(1, 2),
+            [batch, tokens, heads * head_dim],
+        ))
     }
 }
 
@@ -115,8 +111,10 @@ impl<B: Backend> Qwen3Mlp<B> {
     /// # Shapes
     /// `[batch, tokens, hidden]` -> `[batch, tokens, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(silu_mul(
+            self.gate_proj.forward(x.clone()),
+            self.up_proj.forward(x),
+        ))
     }
 }
 

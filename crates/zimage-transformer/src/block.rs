@@ -3,7 +3,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 use zimage_nn::attention::attention;
-use zimage_nn::{AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
+use zimage_nn::{reshape, silu_mul, AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
 
 use crate::rope::Rope;
 use crate::ZImageTransformerConfig;
@@ -61,7 +61,7 @@ impl<B: Backend> Attention<B> {
     /// `[batch, tokens, dim]` -> `[batch, tokens, dim]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
-        let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, dim / self.heads]);
+        let split = |t: Tensor<B, 3>| reshape(t, [batch, tokens, self.heads, dim / self.heads]);
         let mut q = split(self.to_q.forward(x.clone()));
         let mut k = split(self.to_k.forward(x.clone()));
         let v = split(self.to_v.forward(x));
@@ -83,7 +83,7 @@ impl<B: Backend> Attention<B> {
             ctx.attention,
         );
         self.to_out
-            .forward(out.swap_dims(1, 2).reshape([batch, tokens, dim]))
+            .forward(reshape(out.swap_dims(1, 2), [batch, tokens, dim]))
     }
 }
 
@@ -106,7 +106,7 @@ impl<B: Backend> FeedForward<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.w2
-            .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+            .forward(silu_mul(self.w1.forward(x.clone()), self.w3.forward(x)))
     }
 }
 
@@ -165,29 +165,30 @@ impl<B: Backend> ZImageTransformerBlock<B> {
         match (&self.modulation, adaln) {
             (Some(modulation), Some(c)) => {
                 // Chunk order: scale_msa, gate_msa, scale_mlp, gate_mlp; no shift.
-                let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 3>; 4] = modulation
+                let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 2>; 4] = modulation
                     .forward(c.clone())
-                    .unsqueeze_dim::<3>(1)
-                    .chunk(4, 2)
+                    .chunk(4, 1)
                     .try_into()
                     .expect("chunk(4) of a 4*dim tensor gives four parts");
                 let attn = self.attention.forward(
-                    self.attention_norm1.forward(x.clone()) * scale_msa.add_scalar(1.0),
+                    self.attention_norm1
+                        .forward_scaled(x.clone(), &scale_msa.add_scalar(1.0)),
                     ctx,
                 );
-                let x = x + gate_msa.tanh() * self.attention_norm2.forward(attn);
-                let ffn = self
-                    .feed_forward
-                    .forward(self.ffn_norm1.forward(x.clone()) * scale_mlp.add_scalar(1.0));
-                x + gate_mlp.tanh() * self.ffn_norm2.forward(ffn)
+                let x = self.attention_norm2.add_to(x, attn, Some(&gate_msa.tanh()));
+                let ffn = self.feed_forward.forward(
+                    self.ffn_norm1
+                        .forward_scaled(x.clone(), &scale_mlp.add_scalar(1.0)),
+                );
+                self.ffn_norm2.add_to(x, ffn, Some(&gate_mlp.tanh()))
             }
             _ => {
                 let attn = self
                     .attention
                     .forward(self.attention_norm1.forward(x.clone()), ctx);
-                let x = x + self.attention_norm2.forward(attn);
+                let x = self.attention_norm2.add_to(x, attn, None);
                 let ffn = self.feed_forward.forward(self.ffn_norm1.forward(x.clone()));
-                x + self.ffn_norm2.forward(ffn)
+                self.ffn_norm2.add_to(x, ffn, None)
             }
         }
     }

@@ -140,11 +140,12 @@ impl<B: Backend> Rope<B> {
                         }
                     }
                 });
-            return Tensor::<B, 4>::from_data(
-                TensorData::new(values, [batch, tokens, heads, head_dim]),
-                (&device, DType::F32),
-            )
-            .cast(dtype);
+            return zimage_nn::host::from_f32(
+                values,
+                [batch, tokens, heads, head_dim],
+                &device,
+                dtype,
+            );
         }
         let x = x
             .cast(DType::F32)

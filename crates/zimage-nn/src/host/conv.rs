@@ -1,23 +1,11 @@
-//! Kernels run on the host for burn-ndarray, where burn's own are slow: tensors are copied out as
-//! f32, computed with cache-sized blocks through matrixmultiply, and copied back.
+//! `nn.Conv2d` on the host: im2col in bands plus a matrix product.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-/// Whether `device` is burn-ndarray's, so the host kernels beat the backend's own.
-pub fn is_host_backend<B: Backend>(device: &B::Device) -> bool {
-    B::name(device).starts_with("ndarray")
-}
-
-/// The values of `t` as f32, row-major.
-pub fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
-}
+use super::gemm::{sgemm, MatRef, Threads};
+use super::{from_f32, host_f32};
 
 /// Elements of one band's im2col buffer (4 MiB): large enough for an efficient matrix product,
 /// small enough to stay in cache and not to add memory at high resolution.
@@ -73,24 +61,19 @@ pub fn conv2d<B: Backend>(
                     }
                 });
             // out[:, r0 * wo ..][.. cols] = weight [cout, depth] x col [depth, cols]
-            // SAFETY: the pointers address `cout x depth`, `depth x cols` and `cout x cols` (row
-            // stride `plane`, starting at column r0 * wo) elements inside their buffers.
+            // SAFETY: weight is `cout x depth`, col `depth x cols`, and the destination `cout`
+            // rows of `cols` values, `plane` apart, starting at column r0 * wo of `out_n`.
             unsafe {
-                matrixmultiply::sgemm(
+                sgemm(
                     cout,
                     depth,
                     cols,
-                    1.0,
-                    weight.as_ptr(),
-                    depth as isize,
-                    1,
-                    col.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
+                    MatRef::row_major(&weight, depth),
+                    MatRef::row_major(&col[..depth * cols], cols),
                     out_n.as_mut_ptr().add(r0 * wo),
-                    plane as isize,
-                    1,
+                    plane,
+                    false,
+                    Threads::Rayon,
                 );
             }
         }
@@ -98,11 +81,7 @@ pub fn conv2d<B: Backend>(
     out.par_chunks_mut(plane)
         .enumerate()
         .for_each(|(i, p)| p.iter_mut().for_each(|v| *v += bias[i % cout]));
-    Tensor::<B, 4>::from_data(
-        TensorData::new(out, [batch, cout, ho, wo]),
-        (&device, DType::F32),
-    )
-    .cast(dtype)
+    from_f32(out, [batch, cout, ho, wo], &device, dtype)
 }
 
 /// One im2col row: kernel offset (ky, kx) of one channel for `rows` output rows from `r0`;
