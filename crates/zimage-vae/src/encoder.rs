@@ -6,7 +6,7 @@ use zimage_nn::{AttentionImpl, CheckpointError, Weights};
 use crate::checkpoint::ProjectionLayout;
 use crate::conv::Conv2d;
 use crate::mid_block::UNetMidBlock2D;
-use crate::norm::{silu, GroupNorm, GROUP_NORM_EPS};
+use crate::norm::{GroupNorm, GROUP_NORM_EPS};
 use crate::resnet::ResnetBlock2D;
 use crate::sampling::Downsample2D;
 use crate::AutoencoderKLConfig;
@@ -94,6 +94,6 @@ impl<B: Backend> Encoder<B> {
         let x = self.conv_in.forward(x);
         let x = self.down_blocks.iter().fold(x, |x, block| block.forward(x));
         let x = self.mid_block.forward(x, imp);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }

@@ -1,6 +1,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use zimage_nn::host::{self, kernels};
 use zimage_nn::{CheckpointError, Weights};
 
 /// Every GroupNorm of the autoencoder uses this epsilon (`resnet_eps` and the `conv_norm_out`s).
@@ -38,6 +39,9 @@ impl<B: Backend> GroupNorm<B> {
     /// # Shapes
     /// `[batch, channels, height, width]` -> the same
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if host::is_host_backend::<B>(&x.device()) {
+            return self.forward_host(x, false);
+        }
         let [batch, channels, height, width] = x.dims();
         let groups = self.groups;
         let dtype = x.dtype();
@@ -65,6 +69,35 @@ impl<B: Backend> GroupNorm<B> {
         let scale = scale.reshape([batch, channels, 1, 1]);
         let shift = shift.reshape([batch, channels, 1, 1]);
         (x * scale + shift).cast(dtype)
+    }
+
+    /// `silu(forward(x))`, one pass on the host.
+    pub fn forward_silu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if host::is_host_backend::<B>(&x.device()) {
+            return self.forward_host(x, true);
+        }
+        silu(self.forward(x))
+    }
+
+    /// In place in `x`'s buffer when burn-ndarray hands it over (a full-resolution feature map is
+    /// the decoder's largest tensor).
+    fn forward_host(&self, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
+        let (device, dtype, dims) = (x.device(), x.dtype(), x.dims());
+        let [_, channels, height, width] = dims;
+        let mut values = host::host_f32(x);
+        host::with_f32(&self.weight.val(), |gamma| {
+            host::with_f32(&self.bias.val(), |beta| {
+                kernels::group_norm(
+                    &mut values,
+                    [channels, height * width],
+                    self.groups,
+                    [gamma, beta],
+                    self.eps as f32,
+                    silu,
+                )
+            })
+        });
+        host::from_f32(values, dims, &device, dtype)
     }
 }
 

@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 use zimage_nn::{CheckpointError, Weights};
 
 use crate::conv::Conv2d;
-use crate::norm::{silu, GroupNorm, GROUP_NORM_EPS};
+use crate::norm::{GroupNorm, GROUP_NORM_EPS};
 
 /// diffusers' `ResnetBlock2D` as the autoencoder builds it: no time embedding, dropout 0,
 /// output scale 1.
@@ -41,8 +41,8 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// # Shapes
     /// `[batch, in, height, width]` -> `[batch, out, height, width]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         let residual = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,

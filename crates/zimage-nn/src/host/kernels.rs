@@ -245,6 +245,76 @@ pub fn silu_mul(a: &mut [f32], b: &[f32]) {
 }
 
 vectorized! {
+    /// Mean and variance of one group, accumulated in f64.
+    fn group_stats(x: &[f32]) -> (f64, f64) {
+        const W: usize = 8;
+        let mut acc = [0f64; W];
+        let chunks = x.chunks_exact(W);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += v as f64;
+            }
+        }
+        let n = x.len() as f64;
+        let mean = (acc.iter().sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>()) / n;
+        let mut acc = [0f64; W];
+        for chunk in x.chunks_exact(W) {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                let d = v as f64 - mean;
+                *a += d * d;
+            }
+        }
+        let tail: f64 = tail.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+        (mean, (acc.iter().sum::<f64>() + tail) / n)
+    }
+}
+
+vectorized! {
+    fn scale_shift(x: &mut [f32], scale: f32, shift: f32, silu: bool) {
+        if silu {
+            for v in x.iter_mut() {
+                let y = *v * scale + shift;
+                *v = y / (1.0 + exp(-y));
+            }
+        } else {
+            for v in x.iter_mut() {
+                *v = *v * scale + shift;
+            }
+        }
+    }
+}
+
+/// `nn.GroupNorm` over `[batch, channels, plane]` values in place, followed by SiLU when `silu`;
+/// statistics in f64, then PyTorch's per-channel form `x * scale + shift` with
+/// `scale = gamma / sqrt(var + eps)` and `shift = beta - mean * scale`.
+pub fn group_norm(
+    x: &mut [f32],
+    [channels, plane]: [usize; 2],
+    groups: usize,
+    [gamma, beta]: [&[f32]; 2],
+    eps: f32,
+    silu: bool,
+) {
+    let per_group = channels / groups;
+    if x.is_empty() {
+        return;
+    }
+    x.par_chunks_mut(per_group * plane)
+        .enumerate()
+        .for_each(|(i, group)| {
+            let (mean, var) = group_stats(group);
+            let std = (var as f32 + eps).sqrt();
+            let first = (i % groups) * per_group;
+            for (c, values) in group.chunks_mut(plane).enumerate() {
+                let scale = gamma[first + c] / std;
+                let shift = beta[first + c] - mean as f32 * scale;
+                scale_shift(values, scale, shift, silu);
+            }
+        });
+}
+
+vectorized! {
     /// `softmax(scale * row)` in place; `-inf` entries (masked keys) get 0, and a row with
     /// nothing but `-inf` becomes all 0.
     pub fn softmax(row: &mut [f32], scale: f32) {
@@ -363,6 +433,30 @@ mod tests {
                 for (j, n) in normed(&y, r).into_iter().enumerate() {
                     let g = multiplier.map_or(1.0, |(f, _)| f[(r / per) * dim + j] as f64);
                     close(residual[r * dim + j], x[r * dim + j] as f64 + g * n);
+                }
+            }
+        }
+        // GroupNorm over [2, 4, 35] in 2 groups, with and without SiLU.
+        let (channels, plane) = (4, 35);
+        let gamma = [0.5f32, -1.0, 2.0, 1.5];
+        let beta = [0.1f32, 0.0, -0.3, 0.7];
+        for silu in [false, true] {
+            let mut got = x[..2 * channels * plane].to_vec();
+            group_norm(&mut got, [channels, plane], 2, [&gamma, &beta], 1e-6, silu);
+            for (g, chunk) in x[..2 * channels * plane].chunks(2 * plane).enumerate() {
+                let n = chunk.len() as f64;
+                let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = chunk
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                for (i, &v) in chunk.iter().enumerate() {
+                    let c = (g % 2) * 2 + i / plane;
+                    let y =
+                        (v as f64 - mean) / (var + 1e-6).sqrt() * gamma[c] as f64 + beta[c] as f64;
+                    let want = if silu { y / (1.0 + (-y).exp()) } else { y };
+                    close(got[g * 2 * plane + i], want);
                 }
             }
         }
