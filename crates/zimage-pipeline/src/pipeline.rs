@@ -206,16 +206,7 @@ impl<B: Backend> ZImagePipeline<B> {
         let _ = events(Event::Stage(Stage::Decoding));
         let z = vae.unscale_latents(latents.clone().cast(vae.dtype()));
         // Untiled unless asked, or unless the device cannot hold the whole decode.
-        let [batch, _, h, w] = z.dims();
-        let f = vae.downscale_factor();
-        let tiling = match options.vae_tiling {
-            Some(tiling) => Some(tiling),
-            None => vae.tiling_to_fit(batch, h * f, w * f, true)?,
-        };
-        let decoded = match &tiling {
-            Some(tiling) => vae.decode_tiled(z, tiling)?,
-            None => vae.decode(z)?,
-        };
+        let decoded = vae.decode_fitted(z, options.vae_tiling)?;
         let images = zimage_vae::tensor_to_images(decoded)?;
         if !self.keep_models {
             self.vae = None;
@@ -309,15 +300,7 @@ impl<B: Backend> ZImagePipeline<B> {
                 let _ = events(Event::Stage(Stage::EncodingImage));
                 let pixels = zimage_vae::image_to_tensor::<B>(&image, &self.device, DType::F32)
                     .cast(prompt_dtype);
-                let [batch, _, h, w] = pixels.dims();
-                let tiling = match options.vae_tiling {
-                    Some(tiling) => Some(tiling),
-                    None => vae.tiling_to_fit(batch, h, w, false)?,
-                };
-                let posterior = match &tiling {
-                    Some(tiling) => vae.encode_tiled(pixels, tiling)?,
-                    None => vae.encode(pixels)?,
-                };
+                let posterior = vae.encode_fitted(pixels, options.vae_tiling)?;
                 let mean_shape: [usize; 4] = posterior.mode().dims();
                 let vae_dtype = vae.dtype();
                 let sample_noise = noise::<B>(&self.device, &mut generator, mean_shape, vae_dtype);

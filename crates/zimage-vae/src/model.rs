@@ -260,6 +260,47 @@ impl<B: Backend> AutoencoderKL<B> {
         self.decoder.forward(latents, self.attention)
     }
 
+    /// [`AutoencoderKL::encode_tiled`] with `tiling` when given, else [`AutoencoderKL::encode`],
+    /// tiled to fit (see [`AutoencoderKL::tiling_to_fit`]) when the whole pass would not.
+    pub fn encode_fitted(
+        &self,
+        images: Tensor<B, 4>,
+        tiling: Option<TilingConfig>,
+    ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
+        let [batch, _, height, width] = images.dims();
+        match self.fitted(tiling, [batch, height, width], false)? {
+            Some(tiling) => self.encode_tiled(images, &tiling),
+            None => self.encode(images),
+        }
+    }
+
+    /// [`AutoencoderKL::decode_tiled`] with `tiling` when given, else [`AutoencoderKL::decode`],
+    /// tiled to fit (see [`AutoencoderKL::tiling_to_fit`]) when the whole pass would not.
+    pub fn decode_fitted(
+        &self,
+        latents: Tensor<B, 4>,
+        tiling: Option<TilingConfig>,
+    ) -> Result<Tensor<B, 4>, VaeError> {
+        let [batch, _, height, width] = latents.dims();
+        let f = self.downscale_factor();
+        match self.fitted(tiling, [batch, height * f, width * f], true)? {
+            Some(tiling) => self.decode_tiled(latents, &tiling),
+            None => self.decode(latents),
+        }
+    }
+
+    fn fitted(
+        &self,
+        asked: Option<TilingConfig>,
+        [batch, height, width]: [usize; 3],
+        decode: bool,
+    ) -> Result<Option<TilingConfig>, VaeError> {
+        match asked {
+            Some(tiling) => Ok(Some(tiling)),
+            None => self.tiling_to_fit(batch, height, width, decode),
+        }
+    }
+
     /// Whether an untiled pass over `height x width` pixels fits the device
     /// (see [`zimage_nn::device`]).
     pub fn check_fits(

@@ -102,31 +102,35 @@ fn rms_factor(x: &[f32], eps: f32) -> f32 {
     1.0 / (sum_squares(x) / x.len() as f32 + eps).sqrt()
 }
 
-/// Splits rows `first..first + count` where the per-batch-item multiplier changes (`per` rows
-/// each); `f` gets each run of rows, counted from `first`, with its multiplier row.
-fn runs<'a>(
-    first: usize,
-    count: usize,
+/// Runs `f(dst rows, src rows, multiplier row)` over rows of `dim` values in parallel tasks, each
+/// call's rows sharing one batch item's multiplier (`per` rows each) when there is one.
+fn rows_by_item<'a>(
+    dst: &mut [f32],
+    src: &[f32],
     dim: usize,
     multiplier: Option<(&'a [f32], usize)>,
-    mut f: impl FnMut(std::ops::Range<usize>, Option<&'a [f32]>),
+    f: impl Fn(&mut [f32], &[f32], Option<&'a [f32]>) + Sync,
 ) {
-    let mut done = 0;
-    while done < count {
-        let (m, len) = match multiplier {
-            Some((m, per)) => {
-                let b = (first + done) / per;
-                (
-                    Some(&m[b * dim..(b + 1) * dim]),
-                    (b + 1) * per - (first + done),
-                )
+    dst.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(src.par_chunks(dim * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, (dst, src))| {
+            let (first, count) = (task * ROWS_PER_TASK, src.len() / dim);
+            let mut done = 0;
+            while done < count {
+                let (m, len) = match multiplier {
+                    Some((m, per)) => {
+                        let b = (first + done) / per;
+                        let row = &m[b * dim..(b + 1) * dim];
+                        (Some(row), (b + 1) * per - (first + done))
+                    }
+                    None => (None, count),
+                };
+                let span = done * dim..(done + len.min(count - done)) * dim;
+                done = span.end / dim;
+                f(&mut dst[span.clone()], &src[span], m);
             }
-            None => (None, count),
-        };
-        let len = len.min(count - done);
-        f(done..done + len, m);
-        done += len;
-    }
+        });
 }
 
 vectorized! {
@@ -159,23 +163,10 @@ pub fn rms_norm(
     eps: f32,
     multiplier: Option<(&[f32], usize)>,
 ) -> Vec<f32> {
-    let dim = weight.len();
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(x.par_chunks(dim * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (dst, src))| {
-            runs(
-                task * ROWS_PER_TASK,
-                src.len() / dim,
-                dim,
-                multiplier,
-                |rows, m| {
-                    let span = rows.start * dim..rows.end * dim;
-                    rms_norm_rows(&src[span.clone()], &mut dst[span], weight, eps, m);
-                },
-            )
-        });
+    rows_by_item(&mut out, x, weight.len(), multiplier, |dst, src, m| {
+        rms_norm_rows(src, dst, weight, eps, m)
+    });
     out
 }
 
@@ -209,23 +200,9 @@ pub fn add_rms_norm(
     eps: f32,
     gate: Option<(&[f32], usize)>,
 ) {
-    let dim = weight.len();
-    residual
-        .par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(y.par_chunks(dim * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (dst, src))| {
-            runs(
-                task * ROWS_PER_TASK,
-                src.len() / dim,
-                dim,
-                gate,
-                |rows, g| {
-                    let span = rows.start * dim..rows.end * dim;
-                    add_rms_norm_rows(&mut dst[span.clone()], &src[span], weight, eps, g);
-                },
-            )
-        });
+    rows_by_item(residual, y, weight.len(), gate, |dst, src, g| {
+        add_rms_norm_rows(dst, src, weight, eps, g)
+    });
 }
 
 vectorized! {
