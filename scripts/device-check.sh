@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 step "parity: cuda f32 and bf16, wgpu f32"
 # Fixtures are found through the run-time CARGO_MANIFEST_DIR.
 CARGO_MANIFEST_DIR="$PWD/tests" ZIMAGE_REQUIRE_CUDA=1 ZIMAGE_REQUIRE_WGPU=1 \
-    timeout 150 "$d/bin/gpu_backends" --test-threads 1 --nocapture 2>&1 | tee "$out/parity.txt" | tail -40
+    timeout 150 "$d/bin/parity" gpu_backends:: --test-threads 1 --nocapture 2>&1 | tee "$out/parity.txt" | tail -40
 
 step "zimage bench, cuda bf16, published shapes"
 timeout 150 "$d/bin/zimage" bench --shapes turbo --backend cuda --dtype bf16 --runs 5 --warmup 2 --json \

@@ -14,16 +14,16 @@ mkdir -p "$out/bin"
 cargo build --release -p zimage-cli
 cp "$CARGO_TARGET_DIR/release/zimage" "$out/bin/"
 
-# The parity tests (tests/tests/gpu_backends.rs) with the cuda feature, as one test binary.
-cargo test --release -p zimage-tests --features cuda --test gpu_backends --no-run \
+# The parity tests (tests/tests/parity/, gpu_backends among them) with the cuda feature.
+cargo test --release -p zimage-tests --features cuda --test parity --no-run \
     --message-format=json >"$out/build.json"
 test_bin=$(python3 -c '
 import json, sys
 for line in open(sys.argv[1]):
     msg = json.loads(line)
-    if msg.get("executable") and msg.get("target", {}).get("name") == "gpu_backends":
+    if msg.get("executable") and msg.get("target", {}).get("name") == "parity":
         print(msg["executable"])' "$out/build.json")
-cp "$test_bin" "$out/bin/gpu_backends"
+cp "$test_bin" "$out/bin/parity"
 rm "$out/build.json"
 
 cp -r "$shared/bench" "$out/bench"

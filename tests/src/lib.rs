@@ -1,1 +1,1 @@
-//! Parity and end-to-end tests live in `tests/tests/`.
+//! Parity and end-to-end tests live in `tests/tests/parity/` (one test binary).

@@ -137,10 +137,15 @@ pub fn convert(args: &ConvertArgs) -> Result<Vec<FileRecord>> {
         .filter(|c| !sources.iter().any(|s| s.component == *c))
         .collect();
     let base = match &base_spec {
-        Some(spec) => Some(
-            resolve_model_with(spec, &HubOptions::from_env(), &missing)
-                .with_context(|| format!("resolving {spec}"))?,
-        ),
+        Some(spec) => match resolve_model_with(spec, &HubOptions::from_env(), &missing)
+            .with_context(|| format!("resolving {spec}"))?
+        {
+            zimage_hub::Resolved::Folder(folder) => Some(folder),
+            zimage_hub::Resolved::SingleFiles(_) => bail!(
+                "{spec} is in ComfyUI's layout (single files, no configs): give its files with \
+                 --from and a diffusers folder or repo as --base"
+            ),
+        },
         None if !sources.is_empty() => bail!(
             "single files carry no configs or tokenizer: give --base with a model folder or repo \
              (e.g. --base {})",
@@ -484,7 +489,7 @@ mod tests {
     use crate::writer::hex;
 
     fn repo_root() -> PathBuf {
-        // At run time, as tests/tests/common does: the binary may come from another checkout.
+        // At run time, as zimage-test-support does: the binary may come from another checkout.
         let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo test");
         Path::new(&manifest).join("..")
     }
@@ -511,6 +516,11 @@ mod tests {
             &dir.join("text_encoder"),
         );
         copy_tree(&fixtures.join("text/tokenizer"), &dir.join("tokenizer"));
+        fs::write(
+            dir.join("tokenizer/tokenizer.json"),
+            zimage_text::qwen3_tokenizer_json().unwrap(),
+        )
+        .unwrap();
     }
 
     struct Raw(Vec<usize>, Vec<u8>);
@@ -673,7 +683,7 @@ mod tests {
 
     /// The tiny transformer in the original/ComfyUI naming: prefixed, fused qkv, `out`,
     /// `q_norm`/`k_norm`, `final_layer`/`x_embedder`, and the unused `norm_final.weight`.
-    fn write_comfy_transformer(src: &Checkpoint, path: &Path) {
+    fn write_comfy_transformer(config: &ZImageTransformerConfig, src: &Checkpoint, path: &Path) {
         let mut tensors: Vec<(String, Raw)> = Vec::new();
         let raw = |name: &str| {
             let entry = src.get(name).unwrap();
@@ -683,9 +693,9 @@ mod tests {
             )
         };
         for (name, _) in src.entries() {
-            if name.contains(".attention.to_k.") || name.contains(".attention.to_v.") {
+            let Some(original) = zimage_transformer::checkpoint::original_name(config, name) else {
                 continue;
-            }
+            };
             if let Some(block) = name.strip_suffix(".attention.to_q.weight") {
                 let parts: Vec<Raw> = ["to_q", "to_k", "to_v"]
                     .iter()
@@ -693,19 +703,10 @@ mod tests {
                     .collect();
                 let rows: usize = parts.iter().map(|p| p.0[0]).sum();
                 let bytes = parts.iter().flat_map(|p| p.1.clone()).collect();
-                tensors.push((
-                    format!("{block}.attention.qkv.weight"),
-                    Raw(vec![rows, parts[0].0[1]], bytes),
-                ));
+                tensors.push((original, Raw(vec![rows, parts[0].0[1]], bytes)));
                 continue;
             }
-            let renamed = name
-                .replace("all_final_layer.2-1.", "final_layer.")
-                .replace("all_x_embedder.2-1.", "x_embedder.")
-                .replace(".attention.to_out.0.", ".attention.out.")
-                .replace(".attention.norm_q.", ".attention.q_norm.")
-                .replace(".attention.norm_k.", ".attention.k_norm.");
-            tensors.push((renamed, raw(name)));
+            tensors.push((original, raw(name)));
         }
         tensors.push(("norm_final.weight".into(), Raw(vec![2], vec![0; 8])));
         let named = tensors
@@ -721,7 +722,8 @@ mod tests {
         tiny_model(&base);
         let reference = Checkpoint::open(base.join("transformer")).unwrap();
         let comfy = dir.path().join("z_image_turbo.safetensors");
-        write_comfy_transformer(&reference, &comfy);
+        let config = ZImageTransformerConfig::from_file(base.join("transformer/config.json")).unwrap();
+        write_comfy_transformer(&config, &reference, &comfy);
 
         // A text encoder without the `model.` prefix and with an LM head.
         let text_src = Checkpoint::open(base.join("text_encoder")).unwrap();

@@ -1,7 +1,7 @@
 //! Developer tasks, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
 //! - `convert`: weights of a folder, Hub repo or single files -> a folder in one dtype.
-//! - `synth-checkpoint`: a full-size synthetic transformer checkpoint for timing.
+//! - `synth-checkpoint`: a full-size synthetic model (diffusers or ComfyUI layout) for timing.
 //! - `read-check`: read (or load) every tensor of a checkpoint and time it.
 
 mod convert;
@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Write a synthetic full-size Z-Image-Turbo transformer (521 tensors, 6.15B parameters).
+    /// Write a synthetic full-size Z-Image-Turbo (the 6.15B transformer, Qwen3-4B, the VAE) with
+    /// the published names and shapes and made-up values.
     SynthCheckpoint {
         #[arg(long)]
         out: PathBuf,
@@ -58,6 +59,12 @@ enum Command {
         /// The published fp32 transformer comes in shards of at most 10 GB.
         #[arg(long, default_value = "10GB", value_parser = parse_size)]
         max_shard_size: u64,
+        /// diffusers' folder layout, or ComfyUI's three single files.
+        #[arg(long, value_enum, default_value = "diffusers")]
+        layout: synth::Layout,
+        /// Parts to write [default: all].
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<synth::Part>,
     },
     /// Read every tensor of a checkpoint (file, index or folder) cast to a dtype, and time it;
     /// with --load, build the transformer on the ndarray backend instead.
@@ -121,8 +128,15 @@ fn main() -> Result<()> {
             out,
             dtype,
             max_shard_size,
+            layout,
+            only,
         } => {
-            synth::synth_checkpoint(&out, dtype, max_shard_size)?;
+            let parts = if only.is_empty() {
+                vec![synth::Part::Transformer, synth::Part::TextEncoder, synth::Part::Vae]
+            } else {
+                only
+            };
+            synth::synth_checkpoint(&out, dtype, max_shard_size, layout, &parts)?;
         }
         Command::ReadCheck { path, dtype, load } => read_check(&path, dtype, load)?,
     }

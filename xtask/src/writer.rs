@@ -50,6 +50,15 @@ impl OutDtype {
         }
     }
 
+    /// How ComfyUI names the precision in a file name (`z_image_turbo_bf16.safetensors`).
+    pub fn comfy_suffix(self) -> &'static str {
+        match self {
+            OutDtype::Bf16 => "bf16",
+            OutDtype::F16 => "fp16",
+            OutDtype::F32 => "fp32",
+        }
+    }
+
     pub fn size(self) -> u64 {
         match self {
             OutDtype::Bf16 | OutDtype::F16 => 2,

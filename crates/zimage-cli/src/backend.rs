@@ -97,6 +97,19 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Which dtypes the backend can hold weight matrices in (the host kernels widen bf16 and
+    /// f16 inside the product; cubecl backends hold what they compute in).
+    pub fn check_weights_dtype(self, dtype: DType) -> Result<()> {
+        match self {
+            #[cfg(feature = "ndarray")]
+            Backend::Ndarray => Ok(()),
+            #[allow(unreachable_patterns)]
+            _ => self.check_dtype(dtype),
+        }
+    }
+}
+
 /// Resolves the user's choice to a compiled-in backend whose device answers, and tells the
 /// model code that device's limits.
 pub fn resolve(choice: BackendChoice) -> Result<Backend> {

@@ -7,6 +7,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend as BurnBackend;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::{Args, ValueEnum};
+use zimage_nn::ZBackend;
 use zimage_text::{Qwen3Config, Qwen3TextEncoder};
 use zimage_transformer::{ZImageTransformer2DModel, ZImageTransformerConfig};
 use zimage_vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -100,23 +101,25 @@ impl Reporter<'_> {
     }
 }
 
-/// Runs `f` `warmup` times, then `runs` times with the device synchronised around each.
+/// Runs `f` `warmup` times, then `runs` times with the device synchronised around each. The
+/// first failure (of `f` or of the device) ends the benchmark: a failed pass is not a fast one.
 fn time<B: BurnBackend>(
     device: &B::Device,
     warmup: usize,
     runs: usize,
-    mut f: impl FnMut(),
-) -> Vec<f64> {
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("the device failed: {e}"));
     for _ in 0..warmup {
-        f();
+        f()?;
     }
-    let _ = B::sync(device);
+    sync()?;
     (0..runs.max(1))
         .map(|_| {
             let start = Instant::now();
-            f();
-            let _ = B::sync(device);
-            start.elapsed().as_secs_f64() * 1e3
+            f()?;
+            sync()?;
+            Ok(start.elapsed().as_secs_f64() * 1e3)
         })
         .collect()
 }
@@ -195,7 +198,7 @@ fn models(shapes: Shapes) -> Models {
     }
 }
 
-fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Result<()> {
+fn bench<B: ZBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Result<()> {
     let device = B::Device::default();
     let m = models(args.shapes);
     let sizes = if args.sizes.is_empty() {
@@ -229,10 +232,9 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
             for tokens in [512, m.caption] {
                 let batch = [ids(tokens)];
                 let mut t = time::<B>(&device, warmup, runs, || {
-                    let _ = encoder
-                        .encode(&batch)
-                        .map(|f| f[0].clone().sum().into_data());
-                });
+                    encoder.encode(&batch)?[0].clone().sum().into_data();
+                    Ok(())
+                })?;
                 r.report(
                     "text-encoder",
                     &format!("{tokens} tokens (random weights {made:.1} s)"),
@@ -266,8 +268,9 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
                 (&device, dtype),
             );
             let mut t = time::<B>(&device, warmup, runs, || {
-                let _ = dit.forward(&[latent.clone()], &[0.5], &[caption.clone()]);
-            });
+                dit.forward(&[latent.clone()], &[0.5], &[caption.clone()])?;
+                Ok(())
+            })?;
             r.report(
                 "dit-step",
                 &format!("{size}x{size}, {}-token caption", m.caption),
@@ -276,8 +279,9 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
             let batch = [latent.clone(), latent.clone()];
             let negative = caption.clone().narrow(0, 0, m.caption.min(8));
             let mut t = time::<B>(&device, warmup.min(1), runs, || {
-                let _ = dit.forward(&batch, &[0.5, 0.5], &[caption.clone(), negative.clone()]);
-            });
+                dit.forward(&batch, &[0.5, 0.5], &[caption.clone(), negative.clone()])?;
+                Ok(())
+            })?;
             r.report(
                 "dit-step-cfg",
                 &format!("{size}x{size}, batch 2 (guidance)"),
@@ -300,8 +304,9 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
             (&device, dtype),
         );
         let mut t = time::<B>(&device, warmup.min(1), runs.min(3), || {
-            let _ = vae.decode(z.clone());
-        });
+            vae.decode(z.clone())?;
+            Ok(())
+        })?;
         r.report("vae-decode", &format!("{side}x{side}"), &mut t);
         let image = Tensor::<B, 4>::random(
             [1, 3, side, side],
@@ -309,8 +314,9 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
             (&device, dtype),
         );
         let mut t = time::<B>(&device, warmup.min(1), runs.min(3), || {
-            let _ = vae.encode(image.clone()).map(|p| p.mode());
-        });
+            vae.encode(image.clone())?.mode();
+            Ok(())
+        })?;
         r.report("vae-encode", &format!("{side}x{side}"), &mut t);
     }
 
@@ -328,17 +334,17 @@ fn bench<B: BurnBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Resul
             );
             for (i, &s) in sigmas.iter().enumerate() {
                 let next = sigmas.get(i + 1).copied().unwrap_or(0.0);
-                if let Ok(out) = dit.forward(
+                let out = dit.forward(
                     &[x.clone().cast(dtype).reshape([16, 1, h, h])],
                     &[1.0 - s],
                     &[caption.clone()],
-                ) {
-                    let v = out[0].clone().cast(DType::F32).reshape([1, 16, h, h]).neg();
-                    x = x + v.mul_scalar(next - s);
-                }
+                )?;
+                let v = out[0].clone().cast(DType::F32).reshape([1, 16, h, h]).neg();
+                x = x + v.mul_scalar(next - s);
             }
-            let _ = vae.decode(vae.unscale_latents(x.cast(dtype)));
-        });
+            vae.decode(vae.unscale_latents(x.cast(dtype)))?;
+            Ok(())
+        })?;
         r.report("image", &format!("{size}x{size}, 8 steps + decode"), &mut t);
     }
     Ok(())

@@ -4,16 +4,23 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend as BurnBackend;
 use burn::tensor::DType;
-use clap::Args;
-use zimage_pipeline::{InitImage, ModelFolder, ZImagePipeline};
+use clap::{Args, ValueEnum};
+use zimage_nn::{Precision, ZBackend};
+use zimage_pipeline::memory::{self, gib};
+use zimage_pipeline::{InitImage, ModelFiles, Variant, ZImagePipeline};
 use zimage_vae::TilingConfig;
 
 use crate::backend::{self, BackendChoice, DtypeChoice};
 use crate::output;
 use crate::progress::Progress;
 use crate::with_backend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantChoice {
+    Turbo,
+    Base,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
@@ -22,11 +29,13 @@ pub struct GenerateArgs {
     pub prompt: Vec<String>,
     /// A model folder in the Hugging Face layout (model_index.json, transformer/, text_encoder/,
     /// tokenizer/, vae/, scheduler/), or a Hub repo id (`owner/name[@revision]`), downloaded into
-    /// the Hugging Face cache on first use (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply).
-    #[arg(long, default_value = zimage_hub::DEFAULT_MODEL)]
-    pub model: String,
+    /// the Hugging Face cache on first use (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply)
+    /// [default: Tongyi-MAI/Z-Image-Turbo, or none when --transformer, --text-encoder and --vae
+    /// are all given]
+    #[arg(long)]
+    pub model: Option<String>,
     /// Transformer weights from one file (diffusers or original/ComfyUI names, e.g.
-    /// z_image_turbo_bf16.safetensors); its config comes from --model.
+    /// z_image_turbo_bf16.safetensors); its config comes from --model, or is the published one.
     #[arg(long, value_name = "FILE")]
     pub transformer: Option<PathBuf>,
     /// Text-encoder weights from one file (e.g. ComfyUI's qwen_3_4b.safetensors).
@@ -86,6 +95,16 @@ pub struct GenerateArgs {
     /// Compute dtype [default: bf16 on cuda, f32 elsewhere]
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeChoice>,
+    /// What weight matrices are held in [default: as stored in the files, or bf16 when f32
+    /// weights would not fit in memory]
+    #[arg(long, value_enum)]
+    pub weights_dtype: Option<DtypeChoice>,
+    /// Turbo or base: sets the default steps and guidance [default: detected from the model]
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantChoice>,
+    /// Run even when the memory estimate says the generation does not fit.
+    #[arg(long)]
+    pub force: bool,
     /// Where to write the image (.png with the parameters embedded, or .jpg); several images
     /// get -0, -1, ... before the extension, grouped by prompt.
     #[arg(long, short, default_value = "zimage.png")]
@@ -131,60 +150,93 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(DtypeChoice::dtype)
         .unwrap_or(backend.default_dtype());
     backend.check_dtype(dtype)?;
-    let folder = open_model(&args)?;
+    if let Some(weights) = args.weights_dtype {
+        backend.check_weights_dtype(weights.dtype())?;
+    }
+    let files = open_model(&args)?;
     with_backend!(backend, |B| generate::<B>(
         &args,
-        folder,
+        files,
         dtype,
         backend.name()
     ))
 }
 
-/// The model folder: local, or the Hub snapshot (only the weights no single file replaces are
-/// downloaded), with single-file weights on top.
-fn open_model(args: &GenerateArgs) -> Result<ModelFolder> {
+/// The model's parts: a local folder or the Hub snapshot (only the weights no single file
+/// replaces are downloaded) with single files on top, or the single files alone.
+fn open_model(args: &GenerateArgs) -> Result<ModelFiles> {
     use zimage_hub::{Component, HubOptions};
-    let mut options = HubOptions::from_env();
-    if args.quiet {
-        options = options.quiet();
-    }
-    let needed: Vec<Component> = [
-        (Component::Transformer, &args.transformer),
-        (Component::TextEncoder, &args.text_encoder),
-        (Component::Vae, &args.vae),
-    ]
-    .into_iter()
-    .filter(|(_, file)| file.is_none())
-    .map(|(component, _)| component)
-    .collect();
-    let root = zimage_hub::resolve_model_with(&args.model, &options, &needed)?;
-    let mut folder = ModelFolder::open(&root)?;
+    let singles = [&args.transformer, &args.text_encoder, &args.vae];
+    let mut files = match &args.model {
+        None if singles.iter().all(|f| f.is_some()) => ModelFiles::single_files(),
+        model => {
+            let spec = model.as_deref().unwrap_or(zimage_hub::DEFAULT_MODEL);
+            let mut options = HubOptions::from_env();
+            if args.quiet {
+                options = options.quiet();
+            }
+            let needed: Vec<Component> = [
+                (Component::Transformer, &args.transformer),
+                (Component::TextEncoder, &args.text_encoder),
+                (Component::Vae, &args.vae),
+            ]
+            .into_iter()
+            .filter(|(_, file)| file.is_none())
+            .map(|(component, _)| component)
+            .collect();
+            match zimage_hub::resolve_model_with(spec, &options, &needed)? {
+                zimage_hub::Resolved::Folder(root) => ModelFiles::open(&root)?,
+                zimage_hub::Resolved::SingleFiles(found) => {
+                    let mut files = ModelFiles::single_files();
+                    for (component, path) in found {
+                        files = match component {
+                            Component::Transformer => files.with_transformer_file(path)?,
+                            Component::TextEncoder => files.with_text_encoder_file(path)?,
+                            Component::Vae => files.with_vae_file(path)?,
+                        };
+                    }
+                    files
+                }
+            }
+        }
+    };
     if let Some(file) = &args.transformer {
-        folder = folder.with_transformer_file(file)?;
+        files = files.with_transformer_file(file)?;
     }
     if let Some(file) = &args.text_encoder {
-        folder = folder.with_text_encoder_file(file)?;
+        files = files.with_text_encoder_file(file)?;
     }
     if let Some(file) = &args.vae {
-        folder = folder.with_vae_file(file)?;
+        files = files.with_vae_file(file)?;
     }
-    Ok(folder)
+    if let Some(variant) = args.variant {
+        files = files.with_variant(match variant {
+            VariantChoice::Turbo => Variant::Turbo,
+            VariantChoice::Base => Variant::Base,
+        });
+    }
+    Ok(files)
 }
 
 fn load_image(path: &PathBuf) -> Result<image::DynamicImage> {
     image::open(path).with_context(|| format!("cannot read image {}", path.display()))
 }
 
-fn generate<B: BurnBackend>(
+fn generate<B: ZBackend>(
     args: &GenerateArgs,
-    folder: ModelFolder,
+    files: ModelFiles,
     dtype: DType,
     backend: &str,
 ) -> Result<()> {
     let device = B::Device::default();
     let start = Instant::now();
+    if !args.quiet {
+        let choice = files.variant_choice();
+        eprintln!("Z-Image {} ({})", choice.variant.name(), choice.reason);
+    }
+    let precision = Precision::from(dtype).with_weights(args.weights_dtype.map(DtypeChoice::dtype));
     let mut pipeline =
-        ZImagePipeline::<B>::new(folder, &device, dtype)?.keep_models(args.keep_models);
+        ZImagePipeline::<B>::new(files, &device, precision)?.keep_models(args.keep_models);
     let mut options = pipeline.options(args.prompt[0].clone());
     options.prompts = args.prompt.clone();
     let multiple = pipeline.size_multiple();
@@ -245,8 +297,15 @@ fn generate<B: BurnBackend>(
         );
     }
 
+    if B::host_kernels(&device) {
+        pipeline = fit_host_memory(pipeline, &options, args)?;
+    }
+
     let mut progress = Progress::new(args.quiet);
     let generation = pipeline.generate(&options, &mut |event| progress.handle(event))?;
+    if !args.quiet {
+        progress.done();
+    }
     drop(progress);
 
     let parameters = serde_json::json!({
@@ -260,7 +319,8 @@ fn generate<B: BurnBackend>(
         "cfg_truncation": options.cfg_truncation,
         "seed": options.seed,
         "strength": options.init_image.as_ref().map(|i| i.strength),
-        "model": args.model,
+        "model": args.model.as_deref().unwrap_or(if args.transformer.is_some() && args.text_encoder.is_some() && args.vae.is_some() { "single files" } else { zimage_hub::DEFAULT_MODEL }),
+        "variant": pipeline.variant().name(),
         "backend": backend,
         "dtype": backend::dtype_name(dtype),
         "generator": format!("zimage {}", env!("CARGO_PKG_VERSION")),
@@ -273,6 +333,49 @@ fn generate<B: BurnBackend>(
         eprintln!("done in {:.1} s", start.elapsed().as_secs_f64());
     }
     Ok(())
+}
+
+/// Checks the run against the host's available memory before anything loads. Without an
+/// explicit `--weights-dtype`, weights stored in f32 are held in bf16 when f32 would not fit
+/// (as diffusers users load the f32 Turbo transformer with `torch_dtype=torch.bfloat16`).
+fn fit_host_memory<B: ZBackend>(
+    pipeline: ZImagePipeline<B>,
+    options: &zimage_pipeline::GenerateOptions,
+    args: &GenerateArgs,
+) -> Result<ZImagePipeline<B>> {
+    let Some(available) = memory::available_host_memory()? else {
+        return Ok(pipeline);
+    };
+    let estimate = pipeline.estimate_memory(options)?;
+    if estimate.peak() <= available {
+        return Ok(pipeline);
+    }
+    let mut pipeline = pipeline;
+    if args.weights_dtype.is_none() {
+        let stored = pipeline.precision();
+        pipeline = pipeline.with_precision(stored.with_weights(Some(DType::BF16)));
+        let narrowed = pipeline.estimate_memory(options)?;
+        if narrowed.peak() < estimate.peak() && narrowed.peak() <= available {
+            if !args.quiet {
+                eprintln!(
+                    "holding the weights in bf16: as stored the run needs {estimate}, and {} is available (--weights-dtype f32 to insist)",
+                    gib(available)
+                );
+            }
+            return Ok(pipeline);
+        }
+        pipeline = pipeline.with_precision(stored);
+    }
+    match memory::check_fits(&estimate, available, "host") {
+        Err(e) if !args.force => Err(e.into()),
+        Err(e) => {
+            if !args.quiet {
+                eprintln!("warning (--force): {e}");
+            }
+            Ok(pipeline)
+        }
+        Ok(()) => Ok(pipeline),
+    }
 }
 
 fn random_seed() -> u64 {

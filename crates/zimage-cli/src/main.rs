@@ -51,11 +51,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The chain on one line: "what failed: why".
-            let chain: Vec<String> = e
-                .chain()
-                .map(|c| c.to_string().replace('\n', " "))
-                .collect();
+            // The chain as "what failed: why"; multi-line reports (every mismatched tensor of a
+            // checkpoint) keep their lines.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("error: {}", chain.join(": "));
             ExitCode::FAILURE
         }

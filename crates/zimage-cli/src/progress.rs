@@ -1,17 +1,20 @@
 //! Progress bars for the pipeline's events.
 
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use burn::tensor::backend::Backend;
+use zimage_nn::ZBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use zimage_pipeline::{Event, Stage};
 
-/// A spinner per stage and a bar over the denoising steps, on stderr.
+/// A spinner per stage and a bar over the denoising steps, on stderr, and one line with the time
+/// of each stage that computes (the bars vanish when stderr is not a terminal; the lines stay).
 pub struct Progress {
     quiet: bool,
     spinner: Option<ProgressBar>,
     steps: Option<ProgressBar>,
+    /// The computing stage under way, when it began, and its steps so far.
+    running: Option<(Stage, Instant, usize)>,
 }
 
 impl Progress {
@@ -20,6 +23,33 @@ impl Progress {
             quiet,
             spinner: None,
             steps: None,
+            running: None,
+        }
+    }
+
+    /// Ends the stage under way, printing its time; call once the generation has returned.
+    pub fn done(&mut self) {
+        if let Some((stage, started, steps)) = self.running.take() {
+            let seconds = started.elapsed().as_secs_f64();
+            if stage == Stage::Denoising && steps > 0 {
+                eprintln!(
+                    "denoising took {seconds:.1} s ({steps} steps, {:.2} s/step)",
+                    seconds / steps as f64
+                );
+            } else {
+                eprintln!("{} took {seconds:.1} s", stage.describe());
+            }
+        }
+    }
+
+    fn begin(&mut self, stage: Stage) {
+        self.done();
+        let computes = matches!(
+            stage,
+            Stage::EncodingPrompts | Stage::Denoising | Stage::EncodingImage | Stage::Decoding
+        );
+        if computes {
+            self.running = Some((stage, Instant::now(), 0));
         }
     }
 
@@ -29,9 +59,12 @@ impl Progress {
         }
     }
 
-    pub fn handle<B: Backend>(&mut self, event: Event<'_, B>) -> ControlFlow<()> {
+    pub fn handle<B: ZBackend>(&mut self, event: Event<'_, B>) -> ControlFlow<()> {
         if self.quiet {
             return ControlFlow::Continue(());
+        }
+        if let Event::Stage(stage) = &event {
+            self.begin(*stage);
         }
         match event {
             Event::Stage(Stage::Denoising) => {
@@ -46,11 +79,24 @@ impl Progress {
                 bar.enable_steady_tick(Duration::from_millis(120));
                 self.spinner = Some(bar);
             }
-            Event::Loaded { stage, elapsed } => {
+            Event::Loaded {
+                stage,
+                elapsed,
+                bytes,
+            } => {
                 self.finish();
-                eprintln!("{} took {:.1} s", stage.describe(), elapsed.as_secs_f64());
+                let seconds = elapsed.as_secs_f64();
+                eprintln!(
+                    "{} took {seconds:.1} s ({:.2} GB, {:.2} GB/s)",
+                    stage.describe(),
+                    bytes as f64 / 1e9,
+                    bytes as f64 / 1e9 / seconds.max(1e-9)
+                );
             }
             Event::Step { step, total, .. } => {
+                if let Some((Stage::Denoising, _, steps)) = &mut self.running {
+                    *steps = step;
+                }
                 let bar = self.steps.get_or_insert_with(|| {
                     let bar = ProgressBar::new(total as u64);
                     bar.set_style(

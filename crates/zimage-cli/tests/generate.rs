@@ -1,14 +1,13 @@
 //! `zimage generate` end to end on ndarray: every recorded diffusers case from the seed alone,
 //! and a one-line error for every kind of bad argument.
 
-#[path = "../../../tests/tests/common/mod.rs"]
-mod common;
+use zimage_test_support as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::fixtures;
-use common::pipeline::{cases, load_png, model_folder, psnr};
+use common::pipeline::{MIN_PSNR_DB, cases, load_png, model_folder, psnr};
 
 fn zimage(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_zimage"))
@@ -17,12 +16,7 @@ fn zimage(args: &[&str]) -> Output {
         .expect("run zimage")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zimage-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::scratch;
 
 /// The command line equivalent to a recorded diffusers call.
 fn arguments(args: &serde_json::Value, model: &Path, output: &Path) -> Vec<String> {
@@ -102,7 +96,7 @@ fn reproduces_every_diffusers_case_from_the_seed() {
                 &load_png(&fixtures().join("pipeline").join(expected)),
             );
             println!("zimage generate {:<26} PSNR {db:.1} dB", case.name);
-            assert!(db >= 40.0, "{}: {db:.1} dB", case.name);
+            assert!(db >= MIN_PSNR_DB, "{}: {db:.1} dB", case.name);
         }
     }
     // The parameters travel in the PNG.
@@ -272,4 +266,18 @@ fn bad_arguments_get_one_line() {
             .count(),
         1
     );
+}
+
+/// A pass that fails ends `zimage bench` with its error instead of being timed as a fast pass.
+#[test]
+fn bench_reports_a_failing_pass() {
+    let run = zimage(&["bench", "--backend", "ndarray", "--shapes", "tiny", "--only", "dit", "--runs", "1", "--warmup", "0", "--sizes", "24"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("multiple of the patch size"), "{stderr}");
+    assert!(!stdout.contains("median"), "a failed pass was timed: {stdout}");
+    // The same bench at a valid size times it.
+    let run = zimage(&["bench", "--backend", "ndarray", "--shapes", "tiny", "--only", "dit", "--runs", "1", "--warmup", "0", "--sizes", "32"]);
+    assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("median"));
 }

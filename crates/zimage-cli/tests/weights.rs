@@ -1,25 +1,17 @@
-//! `zimage generate` with weights from a (local, fake) Hub and from single files: the same
-//! picture as from the folder.
+//! `zimage generate` with weights from a (local, fake) Hub: the same picture as from the folder,
+//! online and then offline. (Single files: `model_files.rs`.)
 
-#[path = "../../../tests/tests/common/mod.rs"]
-mod common;
-#[path = "../../zimage-hub/tests/common/mod.rs"]
-#[allow(dead_code)]
-mod hub;
+use zimage_test_support as common;
+use zimage_test_support::fake_hub as hub;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::fixtures;
-use common::pipeline::{load_png, model_folder, psnr};
+use common::pipeline::{MIN_PSNR_DB, load_png, model_folder, psnr};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zimage-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::scratch;
 
 /// The t2i_turbo case's arguments.
 fn generate(
@@ -96,7 +88,7 @@ fn downloads_from_the_hub_then_works_offline() {
     );
     let db = psnr(&load_png(&out), &expected());
     println!("from the Hub: PSNR {db:.1} dB");
-    assert!(db >= 40.0);
+    assert!(db >= MIN_PSNR_DB);
     assert!(home
         .join("hub/models--tiny-org--Z-Image-Tiny/snapshots")
         .is_dir());
@@ -128,7 +120,7 @@ fn downloads_from_the_hub_then_works_offline() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(psnr(&load_png(&out), &expected()) >= 40.0);
+    assert!(psnr(&load_png(&out), &expected()) >= MIN_PSNR_DB);
 
     // A repo that does not exist: one line naming it.
     let run = generate(
@@ -142,89 +134,4 @@ fn downloads_from_the_hub_then_works_offline() {
     assert!(!run.status.success());
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("tiny-org/Nothing-Here"), "{stderr}");
-}
-
-#[test]
-fn single_file_weights_replace_a_component() {
-    // The transformer of the tiny pipeline in original/ComfyUI naming, written by the test.
-    let folder = model_folder();
-    let dir = scratch("single");
-    let source = zimage_nn::Checkpoint::open(folder.join("transformer")).unwrap();
-    let mut tensors: Vec<(String, burn::tensor::TensorData)> = Vec::new();
-    let mut qkv: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
-    for (name, _) in source.entries() {
-        let data = source.read(name, None, burn::tensor::DType::F32).unwrap();
-        for part in ["to_q", "to_k", "to_v"] {
-            if let Some(block) = name.strip_suffix(&format!(".attention.{part}.weight")) {
-                qkv.entry(block.to_string())
-                    .or_default()
-                    .push(data.to_vec::<f32>().unwrap());
-            }
-        }
-        if name.contains(".attention.to_q.")
-            || name.contains(".attention.to_k.")
-            || name.contains(".attention.to_v.")
-        {
-            continue;
-        }
-        let renamed = name
-            .replace(".attention.to_out.0.", ".attention.out.")
-            .replace(".attention.norm_q.", ".attention.q_norm.")
-            .replace(".attention.norm_k.", ".attention.k_norm.")
-            .replace("all_final_layer.2-1.", "final_layer.")
-            .replace("all_x_embedder.2-1.", "x_embedder.");
-        tensors.push((format!("model.diffusion_model.{renamed}"), data));
-    }
-    for (block, parts) in qkv {
-        let rows = parts[0].len() / 32;
-        let fused: Vec<f32> = parts.concat();
-        tensors.push((
-            format!("model.diffusion_model.{block}.attention.qkv.weight"),
-            burn::tensor::TensorData::new(fused, [3 * rows, 32]),
-        ));
-    }
-    let file = dir.join("z_image_tiny_original.safetensors");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d)| {
-            let shape: Vec<usize> = d.shape.to_vec();
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, d.as_bytes())
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &file).unwrap();
-
-    let out = dir.join("single.png");
-    let file_arg = file.display().to_string();
-    let run = generate(
-        &folder.display().to_string(),
-        &["--transformer", &file_arg],
-        &out,
-        &[],
-        None,
-    );
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let db = psnr(&load_png(&out), &expected());
-    println!("original-format transformer file: PSNR {db:.1} dB");
-    assert!(db >= 40.0);
-
-    let run = generate(
-        &folder.display().to_string(),
-        &["--vae", "/nonexistent/ae.safetensors"],
-        &dir.join("x.png"),
-        &[],
-        None,
-    );
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        !run.status.success() && stderr.contains("/nonexistent/ae.safetensors"),
-        "{stderr}"
-    );
 }

@@ -82,6 +82,11 @@ impl RepoCache {
     }
 
     /// A snapshot entry that exists (a dangling symlink does not count).
+    /// Every file of the commit's snapshot.
+    pub fn snapshot_files(&self, commit: &str) -> Vec<String> {
+        files_under(&self.snapshot_dir(commit))
+    }
+
     pub fn cached_file(&self, commit: &str, path: &str) -> Option<PathBuf> {
         let file = self.snapshot_file(commit, path);
         file.is_file().then_some(file)
@@ -130,6 +135,32 @@ impl RepoCache {
 }
 
 /// `huggingface_hub` only treats full 40-hex commit ids as commits.
+/// Every file under `root`, as `/`-separated paths relative to it (symlinks followed).
+pub fn files_under(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(entries) = fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let rel = rel.join(entry.file_name());
+            let full = root.join(&rel);
+            if full.is_dir() {
+                stack.push(rel);
+            } else if full.is_file() {
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(parts.join("/"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 pub fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -155,6 +155,34 @@ impl Client {
         })
     }
 
+    /// GET of a JSON document from the Hub's API (`what` describes it for a 404 message).
+    pub fn get_json(&self, url: &str, what: &str) -> Result<serde_json::Value, HubError> {
+        let mut request = self.redirects.get(url).header("Accept", "application/json");
+        if let Some(auth) = self.auth(url) {
+            request = request.header("Authorization", auth);
+        }
+        let response = request.call().map_err(|e| network(url, e))?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            return Err(status_error(
+                url,
+                status,
+                response.headers(),
+                what,
+                self.token.is_some(),
+            ));
+        }
+        let text = response
+            .into_body()
+            .read_to_string()
+            .map_err(|e| network(url, e))?;
+        serde_json::from_str(&text).map_err(|e| HubError::Status {
+            url: url.to_string(),
+            status,
+            detail: format!("the answer is not JSON ({e})"),
+        })
+    }
+
     /// Fetches `meta`'s bytes into `incomplete` (resuming what is there), verifies them and
     /// leaves a complete file. `file` is the repo path, for messages and the progress bar.
     /// A corrupt result is deleted; an interrupted one is kept for the next run.

@@ -43,6 +43,15 @@ impl Component {
         }
     }
 
+    /// Where ComfyUI's repacks keep this component's single file (`split_files/<folder>/`).
+    fn comfy_folder(self) -> &'static str {
+        match self {
+            Component::Transformer => "split_files/diffusion_models/",
+            Component::TextEncoder => "split_files/text_encoders/",
+            Component::Vae => "split_files/vae/",
+        }
+    }
+
     fn index_path(self) -> String {
         format!(
             "{}/{}.safetensors.index.json",
@@ -66,6 +75,48 @@ const CONFIG_FILES: [(&str, bool); 7] = [
     ("tokenizer/tokenizer.json", true),
     ("tokenizer/tokenizer_config.json", false),
 ];
+
+/// What a model resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// A folder in the Hugging Face layout (`model_index.json` and component folders).
+    Folder(PathBuf),
+    /// ComfyUI's layout (`split_files/{diffusion_models,text_encoders,vae}/`): one file per
+    /// component asked for; configs and the tokenizer are the published ones.
+    SingleFiles(Vec<(Component, PathBuf)>),
+}
+
+/// In a repo file listing, the single file of each of `wanted` in ComfyUI's layout: safetensors
+/// directly in the component's `split_files/` folder, bf16 preferred, then f16, then the
+/// others; fp8 and other quantized repacks last (they need scales this loader does not read).
+/// `None` unless every wanted component has one.
+pub fn comfy_files(paths: &[String], wanted: &[Component]) -> Option<Vec<(Component, String)>> {
+    let rank = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        if ["fp8", "fp4", "int8", "int4", "nf4", "mxfp", "gguf"].iter().any(|q| name.contains(q)) {
+            3
+        } else if name.contains("bf16") {
+            0
+        } else if name.contains("fp16") || name.contains("f16") {
+            1
+        } else {
+            2
+        }
+    };
+    wanted
+        .iter()
+        .map(|&component| {
+            let folder = component.comfy_folder();
+            paths
+                .iter()
+                .filter_map(|p| p.strip_prefix(folder).map(|name| (p, name)))
+                .filter(|(_, name)| !name.contains('/') && name.ends_with(".safetensors"))
+                .filter(|(_, name)| rank(name) < 3)
+                .min_by_key(|(_, name)| (rank(name), name.to_string()))
+                .map(|(p, _)| (component, p.clone()))
+        })
+        .collect()
+}
 
 /// `owner/name[@revision]`, as given to `--model`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +206,109 @@ impl HubRepo {
         let (commit, file) = self.fetch(&self.spec.revision, path)?;
         self.cache.write_ref(&self.spec.revision, &commit)?;
         Ok(file)
+    }
+
+    /// The model in this repo: a diffusers layout snapshot ([`Self::snapshot`]), or, when the
+    /// repo has no `model_index.json`, ComfyUI's layout: only the single files of `weights`
+    /// are downloaded (20.6 GB for Comfy-Org/z_image_turbo instead of the diffusers repo's 33).
+    pub fn resolve(&self, weights: &[Component]) -> Result<Resolved, HubError> {
+        match self.snapshot(weights) {
+            Ok(folder) => Ok(Resolved::Folder(folder)),
+            Err(e) if self.is_missing_index(&e) => self.comfy_snapshot(weights).map_err(|comfy| {
+                match comfy {
+                    // Neither layout: say what a Z-Image repo holds.
+                    HubError::NotFound { url, .. } => HubError::NotFound {
+                        url,
+                        what: "model_index.json (diffusers layout) or split_files/ (ComfyUI layout)".into(),
+                    },
+                    other => other,
+                }
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `e` says the repo exists but has no `model_index.json`.
+    fn is_missing_index(&self, e: &HubError) -> bool {
+        match e {
+            HubError::NotFound { what, .. } => what.contains(CONFIG_FILES[0].0),
+            HubError::NotCached { missing, .. } => missing.contains(CONFIG_FILES[0].0),
+            _ => false,
+        }
+    }
+
+    /// ComfyUI's layout: the repo's file list (one API request, which also pins the commit),
+    /// then each wanted component's file. Offline, the files of the cached snapshot.
+    fn comfy_snapshot(&self, weights: &[Component]) -> Result<Resolved, HubError> {
+        let (commit, paths) = if self.options.offline {
+            let commit = self.cached_commit()?;
+            let paths = self.cache.snapshot_files(&commit);
+            (commit, paths)
+        } else {
+            self.list_files()?
+        };
+        let Some(files) = comfy_files(&paths, weights) else {
+            let missing = weights
+                .iter()
+                .map(|c| c.comfy_folder())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(if self.options.offline {
+                self.not_cached(format!("a safetensors file in each of {missing}"))
+            } else {
+                HubError::NotFound {
+                    url: self.url(&commit, "split_files"),
+                    what: format!("a safetensors file in each of {missing}"),
+                }
+            });
+        };
+        if !self.options.offline {
+            self.cache.write_ref(&self.spec.revision, &commit)?;
+        }
+        files
+            .into_iter()
+            .map(|(component, path)| {
+                let file = if self.options.offline {
+                    self.cache
+                        .cached_file(&commit, &path)
+                        .ok_or_else(|| self.not_cached(format!("{path} is missing")))?
+                } else {
+                    self.fetch(&commit, &path)?.1
+                };
+                Ok((component, file))
+            })
+            .collect::<Result<_, _>>()
+            .map(Resolved::SingleFiles)
+    }
+
+    /// The revision's commit and every file path in it (`/api/models/{repo}/revision/{rev}`).
+    pub fn list_files(&self) -> Result<(String, Vec<String>), HubError> {
+        let url = format!(
+            "{}/api/models/{}/revision/{}",
+            self.options.endpoint,
+            self.spec.repo_id,
+            escape(&self.spec.revision)
+        );
+        let info = self.client.get_json(&url, "repo")?;
+        let malformed = |what: &str| HubError::Status {
+            url: url.clone(),
+            status: 200,
+            detail: format!("the repo info has no {what}"),
+        };
+        let commit = info
+            .get("sha")
+            .and_then(|s| s.as_str())
+            .filter(|s| is_commit_hash(s))
+            .ok_or_else(|| malformed("commit sha"))?
+            .to_string();
+        let paths = info
+            .get("siblings")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| malformed("file list"))?
+            .iter()
+            .filter_map(|f| f.get("rfilename").and_then(|n| n.as_str()).map(str::to_string))
+            .collect();
+        Ok((commit, paths))
     }
 
     /// Makes sure the snapshot holds the configs, the tokenizer and the weights of `weights`,

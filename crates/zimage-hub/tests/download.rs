@@ -2,15 +2,15 @@
 //! offline use, resume, corruption, missing repos and tokens. Nothing here touches the real
 //! network or the real ~/.cache.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{sha256_hex, FakeHub, Faults, COMMIT};
+use zimage_test_support::fake_hub::{sha256_hex, FakeHub, Faults, COMMIT};
 use zimage_hub::{
     resolve_model, resolve_model_with, Component, HubError, HubOptions, HubRepo, RepoSpec,
+    Resolved,
 };
 
 const REPO: &str = "test-org/tiny-zimage";
@@ -96,7 +96,14 @@ fn needed(files: &BTreeMap<String, Vec<u8>>) -> Vec<(&String, &Vec<u8>)> {
         .collect()
 }
 
-fn gets(hub: &FakeHub) -> Vec<common::Seen> {
+fn folder_of(resolved: Resolved) -> PathBuf {
+    match resolved {
+        Resolved::Folder(folder) => folder,
+        other => panic!("expected a diffusers layout folder, got {other:?}"),
+    }
+}
+
+fn gets(hub: &FakeHub) -> Vec<zimage_test_support::fake_hub::Seen> {
     hub.seen()
         .into_iter()
         .filter(|s| s.method == "GET")
@@ -111,7 +118,7 @@ fn downloads_into_the_huggingface_cache_layout_once() {
     let cache = tempfile::tempdir().unwrap();
     let opts = options(cache.path(), &hub);
 
-    let folder = resolve_model(REPO, &opts).unwrap();
+    let folder = folder_of(resolve_model(REPO, &opts).unwrap());
     assert_eq!(folder, snapshot_dir(cache.path()));
     let repo_dir = cache.path().join("models--test-org--tiny-zimage");
     assert_eq!(
@@ -149,7 +156,7 @@ fn downloads_into_the_huggingface_cache_layout_once() {
 
     // Second run: one HEAD to learn the commit, nothing downloaded.
     hub.clear_seen();
-    assert_eq!(resolve_model(REPO, &opts).unwrap(), folder);
+    assert_eq!(folder_of(resolve_model(REPO, &opts).unwrap()), folder);
     let seen = hub.seen();
     assert!(gets(&hub).is_empty(), "{seen:?}");
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -157,7 +164,7 @@ fn downloads_into_the_huggingface_cache_layout_once() {
     // A commit id needs no request at all.
     hub.clear_seen();
     let pinned = format!("{REPO}@{COMMIT}");
-    assert_eq!(resolve_model(&pinned, &opts).unwrap(), folder);
+    assert_eq!(folder_of(resolve_model(&pinned, &opts).unwrap()), folder);
     assert!(hub.seen().is_empty(), "{:?}", hub.seen());
 }
 
@@ -174,9 +181,9 @@ fn offline_mode_uses_the_cache_and_says_what_is_missing() {
     assert!(matches!(err, HubError::NotCached { .. }), "{err}");
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
 
-    let folder = resolve_model(REPO, &options(cache.path(), &hub)).unwrap();
+    let folder = folder_of(resolve_model(REPO, &options(cache.path(), &hub)).unwrap());
     // Offline (and pointed at a port nobody listens on): resolved through refs/main.
-    assert_eq!(resolve_model(REPO, &offline).unwrap(), folder);
+    assert_eq!(folder_of(resolve_model(REPO, &offline).unwrap()), folder);
     let repo = HubRepo::new(RepoSpec::parse(REPO).unwrap(), offline.clone());
     assert_eq!(
         repo.download_file("vae/config.json").unwrap(),
@@ -188,14 +195,14 @@ fn offline_mode_uses_the_cache_and_says_what_is_missing() {
     let err = resolve_model(REPO, &offline).unwrap_err();
     assert!(err.to_string().contains(SHARD), "{err}");
     // Configs only do not need it.
-    resolve_model_with(REPO, &offline, &[Component::Vae]).unwrap();
+    folder_of(resolve_model_with(REPO, &offline, &[Component::Vae]).unwrap());
 
     // Online but unreachable: a complete cached snapshot is used, an incomplete one is not.
     let unreachable = HubOptions::new(cache.path(), "http://127.0.0.1:9").quiet();
     let err = resolve_model(REPO, &unreachable).unwrap_err();
     assert!(matches!(err, HubError::Network { .. }), "{err}");
     assert_eq!(
-        resolve_model_with(REPO, &unreachable, &[Component::Vae]).unwrap(),
+        folder_of(resolve_model_with(REPO, &unreachable, &[Component::Vae]).unwrap()),
         folder
     );
 }
@@ -237,7 +244,7 @@ fn an_interrupted_download_resumes_with_a_range_request() {
 
     // The next run continues from byte `cut`.
     hub.clear_seen();
-    let folder = resolve_model(REPO, &options(cache.path(), &hub)).unwrap();
+    let folder = folder_of(resolve_model(REPO, &options(cache.path(), &hub)).unwrap());
     assert_eq!(fs::read(folder.join(SHARD)).unwrap(), files[SHARD]);
     let shard_gets: Vec<_> = gets(&hub)
         .into_iter()
@@ -263,7 +270,7 @@ fn retries_resume_within_one_call() {
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(cache.path(), &hub);
     opts.retries = 3;
-    let folder = resolve_model(REPO, &opts).unwrap();
+    let folder = folder_of(resolve_model(REPO, &opts).unwrap());
     assert_eq!(fs::read(folder.join(SHARD)).unwrap(), files[SHARD]);
     let ranges: Vec<_> = gets(&hub)
         .into_iter()
@@ -307,7 +314,7 @@ fn a_corrupt_download_is_reported_and_deleted() {
 
     // Fixed server: the next run succeeds.
     hub.set_faults(Faults::default());
-    let folder = resolve_model(REPO, &options(cache.path(), &hub)).unwrap();
+    let folder = folder_of(resolve_model(REPO, &options(cache.path(), &hub)).unwrap());
     assert_eq!(fs::read(folder.join(SHARD)).unwrap(), files[SHARD]);
 }
 
@@ -338,7 +345,7 @@ fn missing_repos_revisions_and_files_are_typed_errors() {
     let mut files = tiny_repo();
     files.remove("tokenizer/tokenizer_config.json");
     hub.add_repo("test-org/no-tokenizer-config", files);
-    resolve_model("test-org/no-tokenizer-config", &opts).unwrap();
+    folder_of(resolve_model("test-org/no-tokenizer-config", &opts).unwrap());
 
     // Not a path and not a repo id.
     let err = resolve_model("/no/such/folder", &opts).unwrap_err();
@@ -346,7 +353,7 @@ fn missing_repos_revisions_and_files_are_typed_errors() {
     // An existing path is used as it is, without any request.
     hub.clear_seen();
     assert_eq!(
-        resolve_model(&cache.path().to_string_lossy(), &opts).unwrap(),
+        folder_of(resolve_model(&cache.path().to_string_lossy(), &opts).unwrap()),
         cache.path()
     );
     assert!(hub.seen().is_empty());
@@ -370,7 +377,7 @@ fn private_repos_need_a_token_that_only_the_hub_sees() {
     assert!(err.to_string().contains("HF_TOKEN"), "{err}");
 
     opts.token = Some("hf_secret".into());
-    resolve_model(REPO, &opts).unwrap();
+    folder_of(resolve_model(REPO, &opts).unwrap());
     for seen in hub
         .seen()
         .iter()
@@ -394,10 +401,82 @@ fn single_files_and_partial_weight_sets() {
     let path = repo.download_file("README.md").unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"not needed");
 
-    let folder = resolve_model_with(REPO, &opts, &[Component::Vae]).unwrap();
+    let folder = folder_of(resolve_model_with(REPO, &opts, &[Component::Vae]).unwrap());
     assert!(folder
         .join("vae/diffusion_pytorch_model.safetensors")
         .is_file());
     assert!(folder.join("transformer/config.json").is_file());
     assert!(!folder.join(SHARD).exists());
+}
+
+/// A repo in ComfyUI's layout (no model_index.json): the three single files, bf16 preferred
+/// over fp8 and f32, nothing else downloaded; the second run and offline mode use the cache.
+#[test]
+fn comfyui_layout_downloads_only_the_three_files() {
+    const COMFY: &str = "Comfy-Org/z_image_turbo";
+    let hub = FakeHub::start();
+    let file = |tag: &str| tag.as_bytes().repeat(100);
+    let mut files = BTreeMap::new();
+    for (path, bytes) in [
+        ("split_files/diffusion_models/z_image_turbo_bf16.safetensors", file("dit bf16")),
+        ("split_files/diffusion_models/z_image_turbo_fp8_e4m3fn.safetensors", file("dit fp8")),
+        ("split_files/diffusion_models/z_image_turbo.safetensors", file("dit f32")),
+        ("split_files/text_encoders/qwen_3_4b.safetensors", file("qwen3")),
+        ("split_files/text_encoders/qwen_3_4b_fp8_mixed.safetensors", file("qwen3 fp8")),
+        ("split_files/vae/ae.safetensors", file("vae")),
+        ("README.md", file("readme")),
+    ] {
+        files.insert(path.to_string(), bytes);
+    }
+    hub.add_repo(COMFY, files.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(cache.path(), &hub);
+
+    let Resolved::SingleFiles(found) = resolve_model(COMFY, &opts).unwrap() else {
+        panic!("a ComfyUI repo resolves to single files");
+    };
+    let by_component: BTreeMap<String, Vec<u8>> = found
+        .iter()
+        .map(|(c, path)| (format!("{c:?}"), fs::read(path).unwrap()))
+        .collect();
+    assert_eq!(by_component["Transformer"], file("dit bf16"));
+    assert_eq!(by_component["TextEncoder"], file("qwen3"));
+    assert_eq!(by_component["Vae"], file("vae"));
+    let downloaded: Vec<String> = gets(&hub)
+        .into_iter()
+        .filter(|s| s.path.starts_with("/cdn/"))
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(downloaded.len(), 3, "{downloaded:?}");
+
+    // Only what is asked for: a transformer given as a file leaves two downloads.
+    let partial = resolve_model_with(COMFY, &opts, &[Component::Vae]).unwrap();
+    assert!(matches!(&partial, Resolved::SingleFiles(f) if f.len() == 1 && f[0].0 == Component::Vae));
+
+    // Again: nothing downloaded; offline: the cache alone.
+    hub.clear_seen();
+    assert_eq!(resolve_model(COMFY, &opts).unwrap(), Resolved::SingleFiles(found.clone()));
+    assert!(gets(&hub).iter().all(|s| !s.path.starts_with("/cdn/")));
+    let mut offline = opts.clone();
+    offline.offline = true;
+    hub.clear_seen();
+    assert_eq!(resolve_model(COMFY, &offline).unwrap(), Resolved::SingleFiles(found.clone()));
+    assert!(hub.seen().is_empty());
+
+    // The snapshot folder, given as a path, is read the same way.
+    let snapshot = cache
+        .path()
+        .join("models--Comfy-Org--z_image_turbo/snapshots")
+        .join(COMMIT);
+    let local = resolve_model(&snapshot.to_string_lossy(), &opts).unwrap();
+    let Resolved::SingleFiles(local) = local else {
+        panic!("a local ComfyUI folder resolves to single files");
+    };
+    assert_eq!(local.len(), 3);
+
+    // A repo with neither layout says what a Z-Image repo holds.
+    hub.add_repo("test-org/empty", BTreeMap::from([("README.md".to_string(), file("x"))]));
+    let err = resolve_model("test-org/empty", &opts).unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(err.to_string().contains("split_files"), "{err}");
 }

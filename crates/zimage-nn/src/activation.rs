@@ -1,16 +1,17 @@
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
-use crate::host::{self, kernels};
+use crate::ZBackend;
 
-/// `silu(a) * b`, the gate of a SwiGLU feed-forward; one pass on the host, reusing `a`'s buffer.
-pub fn silu_mul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    if host::is_host_backend::<B>(&a.device()) {
-        let (device, dtype, dims) = (a.device(), a.dtype(), a.dims());
-        let mut out = host::host_f32(a);
-        host::with_f32(&b, |b| kernels::silu_mul(&mut out, b));
-        return host::from_f32(out, dims, &device, dtype);
-    }
-    silu(a) * b
+/// `silu(a) * b`, the gate of a SwiGLU feed-forward.
+pub fn silu_mul<B: ZBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    B::silu_mul(a, b)
+}
+
+/// `x * sigmoid(x)`, computed as `x / (1 + exp(-x))` in f32 like PyTorch (burn's `sigmoid` goes
+/// through `exp(-log(1 + exp(-x)))`, a few ulps further off and two passes longer).
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    (x.clone() / x.neg().exp().add_scalar(1.0)).cast(dtype)
 }

@@ -9,10 +9,11 @@ use std::fmt;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{DType, TensorData};
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde::Deserialize;
 
@@ -47,7 +48,7 @@ impl StoredDtype {
         }
     }
 
-    fn size(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::BF16 | Self::F16 => 2,
@@ -82,8 +83,66 @@ pub struct TensorEntry {
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     data_start: usize,
+}
+
+/// Bytes of one tensor inside a memory-mapped file; they keep the mapping alive, so weights can
+/// be used in place after the [`Checkpoint`] is dropped.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    range: Range<usize>,
+}
+
+impl MappedBytes {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+
+    /// Maps every page in now (from the page cache, or the disk), so that the first use does not
+    /// fault them in one at a time.
+    pub fn prefault(&self) {
+        let len = self.range.len();
+        if len == 0 {
+            return;
+        }
+        if self
+            .map
+            .advise_range(Advice::PopulateRead, self.range.start, len)
+            .is_err()
+        {
+            // Kernels before 5.14: touch one byte per page.
+            let bytes = self.bytes();
+            let mut sum = 0u8;
+            for i in (0..len).step_by(4096) {
+                sum = sum.wrapping_add(bytes[i]);
+            }
+            std::hint::black_box(sum);
+        }
+    }
+
+    /// Drops this range's pages from the process (they stay in the page cache): after a tensor
+    /// has been converted to another precision its file pages would otherwise count as resident
+    /// memory until the whole file is unmapped.
+    pub fn release(&self) {
+        // SAFETY: the mapping is read-only and file-backed: dropped pages read back from the file
+        // if touched again, so no live reference sees different data.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            )
+        };
+    }
+}
+
+/// One tensor as stored: dtype, shape (rows already narrowed when asked) and its mapped bytes.
+pub struct RawTensor {
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    pub bytes: MappedBytes,
 }
 
 /// An opened checkpoint: every tensor name of every shard, with the shards memory-mapped.
@@ -91,6 +150,8 @@ pub struct Checkpoint {
     origin: PathBuf,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, TensorEntry>,
+    /// The `__metadata__` strings of every shard (the first shard's value wins).
+    metadata: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +184,7 @@ impl Checkpoint {
             origin: origin.to_path_buf(),
             shards: Vec::new(),
             tensors: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
         for file in files {
             checkpoint.add_shard(file, None)?;
@@ -159,6 +221,7 @@ impl Checkpoint {
             origin: index_path.to_path_buf(),
             shards: Vec::new(),
             tensors: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
         for (file, names) in by_file {
             if file.contains('/') || file.contains('\\') || file == ".." {
@@ -192,6 +255,11 @@ impl Checkpoint {
             }
         })?;
         let shard = self.shards.len();
+        for (key, value) in metadata.metadata().iter().flatten() {
+            self.metadata
+                .entry(key.clone())
+                .or_insert_with(|| value.clone());
+        }
         for (name, info) in metadata.tensors() {
             let dtype = StoredDtype::from_safetensors(info.dtype);
             let entry = TensorEntry {
@@ -225,10 +293,15 @@ impl Checkpoint {
         }
         self.shards.push(Shard {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             data_start: 8 + header_len,
         });
         Ok(())
+    }
+
+    /// A `__metadata__` string of the file(s), e.g. the `config` JSON a single file may carry.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// What was opened (file or index), for messages.
@@ -257,6 +330,11 @@ impl Checkpoint {
         self.tensors.is_empty()
     }
 
+    /// Bytes of every tensor, as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.tensors.values().map(|e| e.bytes.len()).sum()
+    }
+
     /// The file that stores `name`.
     pub fn file_of(&self, name: &str) -> &Path {
         match self.tensors.get(name) {
@@ -265,13 +343,12 @@ impl Checkpoint {
         }
     }
 
-    /// Reads `name` (optionally only the rows `rows` of its first dimension) and casts it to `dtype`.
-    pub fn read(
+    /// `name` as stored (optionally only the rows `rows` of its first dimension), without a copy.
+    pub fn raw(
         &self,
         name: &str,
         rows: Option<Range<usize>>,
-        dtype: DType,
-    ) -> Result<TensorData, CheckpointError> {
+    ) -> Result<RawTensor, CheckpointError> {
         let entry = self.tensors.get(name).ok_or_else(|| {
             CheckpointError::mismatch(MismatchReport {
                 file: self.origin.clone(),
@@ -305,8 +382,25 @@ impl Checkpoint {
             bytes = bytes.start + rows.start * row_bytes..bytes.start + rows.end * row_bytes;
             shape[0] = rows.len();
         }
-        let raw = &shard.mmap[shard.data_start + bytes.start..shard.data_start + bytes.end];
-        Ok(convert(raw, entry.dtype, shape, dtype))
+        Ok(RawTensor {
+            dtype: entry.dtype,
+            shape,
+            bytes: MappedBytes {
+                map: shard.mmap.clone(),
+                range: shard.data_start + bytes.start..shard.data_start + bytes.end,
+            },
+        })
+    }
+
+    /// Reads `name` (optionally only the rows `rows` of its first dimension) and casts it to `dtype`.
+    pub fn read(
+        &self,
+        name: &str,
+        rows: Option<Range<usize>>,
+        dtype: DType,
+    ) -> Result<TensorData, CheckpointError> {
+        let raw = self.raw(name, rows)?;
+        Ok(convert(raw.bytes.bytes(), raw.dtype, raw.shape, dtype))
     }
 }
 
@@ -463,7 +557,7 @@ mod tests {
                 .unwrap(),
             values
         );
-        // f32 -> bf16 rounds to nearest even, as torch does; bf16 -> f32 is exact.
+        // bf16 -> f32 is exact (f32 -> bf16: `narrowing_rounds_as_torch`).
         let as_bf16 = ck
             .read("a", None, DType::BF16)
             .unwrap()
@@ -486,6 +580,57 @@ mod tests {
             .to_vec::<f16>()
             .unwrap();
         assert_eq!(as_f16[1], f16::from_f32(-2.5));
+    }
+
+    /// f32 -> bf16 / f16 as torch rounds, against bit patterns torch made (torch 2.15:
+    /// `torch.tensor(VALUES).to(torch.bfloat16).view(torch.int16)`, likewise float16): ties to
+    /// even, f32 subnormals, overflow to f16 infinity.
+    #[test]
+    fn narrowing_rounds_as_torch() {
+        let values: [f32; 14] = [
+            1.0, -2.5, 3.140625, 1e-3, 65504.0, 0.1, 1.003_906_25, 1.011_718_75, 3.389_531_4e38,
+            -1e-40, 1e-45, 0.333_333_34, 255.5, 7.0e-39,
+        ];
+        let torch_bf16: [u16; 14] = [
+            0x3f80, 0xc020, 0x4049, 0x3a83, 0x4780, 0x3dcd, 0x3f80, 0x3f82, 0x7f7f, 0x8001, 0x0000,
+            0x3eab, 0x4380, 0x004c,
+        ];
+        let torch_f16: [u16; 14] = [
+            0x3c00, 0xc100, 0x4248, 0x1419, 0x7bff, 0x2e66, 0x3c04, 0x3c0c, 0x7c00, 0x8000, 0x0000,
+            0x3555, 0x5bfc, 0x0000,
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write(&path, vec![("a", f32_raw(&values, &[14]))]);
+        let ck = Checkpoint::open(&path).unwrap();
+        let bits = |dtype| -> Vec<u16> {
+            bytemuck::pod_collect_to_vec(ck.read("a", None, dtype).unwrap().as_bytes())
+        };
+        assert_eq!(bits(DType::BF16), torch_bf16);
+        assert_eq!(bits(DType::F16), torch_f16);
+        // The host matrices' conversion rounds the same way.
+        let raw = ck.raw("a", None).unwrap();
+        for (format, torch) in [
+            (crate::host::HostFormat::BF16, torch_bf16),
+            (crate::host::HostFormat::F16, torch_f16),
+        ] {
+            let m = crate::host::HostMatrix::convert(
+                1,
+                14,
+                raw.bytes.bytes(),
+                crate::host::HostFormat::F32,
+                format,
+            );
+            let widened = m.to_f32();
+            let expected: Vec<f32> = torch
+                .iter()
+                .map(|&b| match format {
+                    crate::host::HostFormat::BF16 => bf16::from_bits(b).to_f32(),
+                    _ => f16::from_bits(b).to_f32(),
+                })
+                .collect();
+            assert_eq!(widened, expected, "{format:?}");
+        }
     }
 
     #[test]

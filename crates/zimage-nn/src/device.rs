@@ -34,6 +34,14 @@ pub fn set_max_tensor_bytes<B: Backend>(device: &B::Device, bytes: u64) {
         .insert(key::<B>(device), bytes);
 }
 
+/// Removes the limit registered for `device` of backend `B`.
+pub fn clear_max_tensor_bytes<B: Backend>(device: &B::Device) {
+    limits()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key::<B>(device));
+}
+
 /// The registered limit of `device`, if any.
 pub fn max_tensor_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
     limits()
@@ -114,7 +122,8 @@ mod tests {
 
     #[test]
     fn limits_are_per_backend_and_device() {
-        type B = NdArray<f32>;
+        // A backend type no other test uses (i32 indices): the limit is process-wide.
+        type B = NdArray<f32, i32>;
         let device = Default::default();
         // Unregistered: anything fits.
         assert!(check_fits::<NdArray<f64>>(&device, || "x".into(), &[1 << 20], DType::F32).is_ok());
@@ -131,5 +140,7 @@ mod tests {
         );
         // Another backend type on the same device string is not affected.
         assert_eq!(max_tensor_bytes::<NdArray<f64>>(&device), None);
+        clear_max_tensor_bytes::<B>(&device);
+        assert_eq!(max_tensor_bytes::<B>(&device), None);
     }
 }

@@ -4,10 +4,12 @@
 //!
 //! ```no_run
 //! # use burn::backend::NdArray;
-//! # use zimage_pipeline::{ModelFolder, ZImagePipeline};
+//! # use zimage_pipeline::{ModelFiles, ZImagePipeline};
 //! let device = Default::default();
-//! let folder = ModelFolder::open("Z-Image-Turbo")?;
-//! let mut pipeline = ZImagePipeline::<NdArray>::new(folder, &device, burn::tensor::DType::F32)?;
+//! // A Hugging Face layout folder, or the three single files people download from ComfyUI:
+//! // ModelFiles::single_files().with_transformer_file("z_image_turbo_bf16.safetensors")?...
+//! let files = ModelFiles::open("Z-Image-Turbo")?;
+//! let mut pipeline = ZImagePipeline::<NdArray>::new(files, &device, burn::tensor::DType::F32)?;
 //! let mut options = pipeline.options("a red fox in the snow, photograph");
 //! options.seed = 42;
 //! let generation = pipeline.generate(&options, &mut |_event| std::ops::ControlFlow::Continue(()))?;
@@ -17,12 +19,14 @@
 
 mod error;
 mod folder;
+pub mod memory;
 pub mod generator;
 mod options;
 mod pipeline;
 
 pub use error::PipelineError;
-pub use folder::{ModelFolder, Variant};
+pub use folder::{ConfigSource, ModelFiles, Part, Variant, VariantChoice, CONFIG_METADATA_KEY};
 pub use generator::{NoiseDtype, TorchGenerator};
+pub use memory::MemoryEstimate;
 pub use options::{GenerateOptions, InitImage, Stage};
 pub use pipeline::{Event, Generation, ZImagePipeline};

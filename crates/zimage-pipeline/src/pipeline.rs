@@ -1,5 +1,6 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
+use zimage_nn::ZBackend;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
@@ -13,8 +14,11 @@ use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
 use zimage_transformer::ZImageTransformer2DModel;
 use zimage_vae::AutoencoderKL;
 
+use zimage_nn::{Checkpoint, Precision};
+
+use crate::memory::{MemoryEstimate, StageMemory};
 use crate::options::{GenerateOptions, Stage};
-use crate::{ModelFolder, NoiseDtype, PipelineError, TorchGenerator, Variant};
+use crate::{ConfigSource, ModelFiles, NoiseDtype, PipelineError, TorchGenerator, Variant};
 
 /// What the pipeline reports while it works. Returning `ControlFlow::Break` from the callback
 /// cancels the generation.
@@ -22,8 +26,12 @@ use crate::{ModelFolder, NoiseDtype, PipelineError, TorchGenerator, Variant};
 pub enum Event<'a, B: Backend> {
     /// A stage begins.
     Stage(Stage),
-    /// A component finished loading.
-    Loaded { stage: Stage, elapsed: Duration },
+    /// A component finished loading: how long it took, and the bytes its weights occupy.
+    Loaded {
+        stage: Stage,
+        elapsed: Duration,
+        bytes: usize,
+    },
     /// A denoising step finished; `latents` are the f32 latents after it.
     Step {
         step: usize,
@@ -34,7 +42,7 @@ pub enum Event<'a, B: Backend> {
 
 /// Images and the latents they were decoded from.
 #[derive(Debug)]
-pub struct Generation<B: Backend> {
+pub struct Generation<B: ZBackend> {
     /// `prompts x num_images_per_prompt` images, grouped by prompt.
     pub images: Vec<RgbImage>,
     /// Final latents, `[images, 16, height / 8, width / 8]`, f32 (before VAE scaling is undone).
@@ -47,48 +55,60 @@ pub struct Generation<B: Backend> {
 /// Components are loaded when first needed and, unless `keep_models` is set, freed as soon as
 /// the generation no longer needs them: the text encoder after the prompts are encoded, the
 /// transformer after denoising. Only one large component is resident at a time that way.
-pub struct ZImagePipeline<B: Backend> {
-    folder: ModelFolder,
+pub struct ZImagePipeline<B: ZBackend> {
+    files: ModelFiles,
     device: B::Device,
-    dtype: DType,
+    precision: Precision,
     keep_models: bool,
     tokenizer: PromptTokenizer,
     scheduler_config: FlowMatchEulerDiscreteSchedulerConfig,
     vae_config: zimage_vae::AutoencoderKLConfig,
     transformer_config: zimage_transformer::ZImageTransformerConfig,
+    text_encoder_config: zimage_text::Qwen3Config,
+    /// Where the transformer's, text encoder's and VAE's configs came from.
+    sources: [ConfigSource; 3],
     text_encoder: Option<Qwen3TextEncoder<B>>,
     transformer: Option<ZImageTransformer2DModel<B>>,
     vae: Option<AutoencoderKL<B>>,
 }
 
-impl<B: Backend> ZImagePipeline<B> {
-    /// Opens a model folder (Hugging Face layout); weights load on first use, cast to `dtype`.
+impl<B: ZBackend> ZImagePipeline<B> {
+    /// A model's parts ([`ModelFiles`]: a folder, single files, or both); configs and the tokenizer
+    /// are read now, weights load on first use, in `precision` ([`Precision`]: the compute dtype,
+    /// and what weight matrices are held in).
     pub fn new(
-        folder: ModelFolder,
+        files: ModelFiles,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, PipelineError> {
-        let tokenizer = PromptTokenizer::from_folder(folder.tokenizer())?;
-        let scheduler_config =
-            FlowMatchEulerDiscreteSchedulerConfig::from_file(folder.scheduler_config())?;
-        let vae_config =
-            zimage_vae::AutoencoderKLConfig::from_file(folder.vae().join("config.json"))?;
-        let transformer_config = zimage_transformer::ZImageTransformerConfig::from_file(
-            folder.transformer().join("config.json"),
-        )?;
+        files.check_complete()?;
+        let (transformer_config, transformer_source) = files.transformer_config()?;
+        let (text_encoder_config, text_encoder_source) = files.text_encoder_config()?;
+        let (vae_config, vae_source) = files.vae_config()?;
         Ok(Self {
-            folder,
-            device: device.clone(),
-            dtype,
-            keep_models: false,
-            tokenizer,
-            scheduler_config,
+            tokenizer: files.tokenizer()?,
+            scheduler_config: files.scheduler_config()?,
             vae_config,
             transformer_config,
+            text_encoder_config,
+            sources: [transformer_source, text_encoder_source, vae_source],
+            files,
+            device: device.clone(),
+            precision: precision.into(),
+            keep_models: false,
             text_encoder: None,
             transformer: None,
             vae: None,
         })
+    }
+
+    /// Loads weights in `precision` from now on (components already loaded are dropped).
+    pub fn with_precision(mut self, precision: impl Into<Precision>) -> Self {
+        self.precision = precision.into();
+        self.text_encoder = None;
+        self.transformer = None;
+        self.vae = None;
+        self
     }
 
     /// Keeps every component resident after use (servers, repeated generations).
@@ -98,15 +118,28 @@ impl<B: Backend> ZImagePipeline<B> {
     }
 
     pub fn variant(&self) -> Variant {
-        self.folder.variant()
+        self.files.variant()
     }
 
-    pub fn folder(&self) -> &ModelFolder {
-        &self.folder
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
     }
 
+    /// The compute dtype.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.precision.compute
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn transformer_config(&self) -> &zimage_transformer::ZImageTransformerConfig {
+        &self.transformer_config
+    }
+
+    pub fn text_encoder_config(&self) -> &zimage_text::Qwen3Config {
+        &self.text_encoder_config
     }
 
     /// Width and height must be multiples of this: the VAE's downscale factor times the DiT's
@@ -122,6 +155,48 @@ impl<B: Backend> ZImagePipeline<B> {
     /// Options with this model's defaults.
     pub fn options(&self, prompt: impl Into<String>) -> GenerateOptions {
         GenerateOptions::new(prompt, self.variant())
+    }
+
+    /// What `options` will need in memory at the largest stage, from the checkpoints' headers
+    /// (nothing is loaded) and the size and batch asked for.
+    pub fn estimate_memory(&self, options: &GenerateOptions) -> Result<MemoryEstimate, PipelineError> {
+        // Options the pipeline would refuse (a size beyond the model) are reported as such, not
+        // as an absurd memory figure.
+        self.plan(options)?;
+        let host = B::host_kernels(&self.device);
+        let held = |weights: &std::path::Path| -> Result<u64, PipelineError> {
+            let checkpoint = Checkpoint::open(weights)?;
+            Ok(crate::memory::held_bytes(&checkpoint, self.precision, host, |d| {
+                B::supports_dtype(&self.device, d)
+            }))
+        };
+        let [text, dit, vae] = crate::memory::activations(
+            options,
+            &self.text_encoder_config,
+            &self.transformer_config,
+            &self.vae_config,
+            self.precision.compute,
+        );
+        Ok(MemoryEstimate {
+            stages: vec![
+                StageMemory {
+                    stage: "text encoder",
+                    weights: held(&self.files.text_encoder()?.weights)?,
+                    activations: text,
+                },
+                StageMemory {
+                    stage: "transformer",
+                    weights: held(&self.files.transformer()?.weights)?,
+                    activations: dit,
+                },
+                StageMemory {
+                    stage: "VAE",
+                    weights: held(&self.files.vae()?.weights)?,
+                    activations: vae,
+                },
+            ],
+            keep_models: self.keep_models,
+        })
     }
 
     /// Loads every component now (they stay resident if `keep_models` is set).
@@ -141,14 +216,20 @@ impl<B: Backend> ZImagePipeline<B> {
         if self.text_encoder.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingTextEncoder));
-            self.text_encoder = Some(Qwen3TextEncoder::from_folder(
-                self.folder.text_encoder(),
+            let file = self.files.text_encoder()?.weights.clone();
+            let checkpoint = Checkpoint::open(&file)?;
+            let bytes = checkpoint.weight_bytes();
+            let loaded = Qwen3TextEncoder::load(
+                &self.text_encoder_config,
+                checkpoint,
                 &self.device,
-                self.dtype,
-            )?);
+                self.precision,
+            );
+            self.text_encoder = Some(published(loaded, &self.sources[1], "Qwen3-4B text encoder", &file)?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingTextEncoder,
                 elapsed: start.elapsed(),
+                bytes,
             });
         }
         Ok(())
@@ -161,14 +242,20 @@ impl<B: Backend> ZImagePipeline<B> {
         if self.transformer.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingTransformer));
-            self.transformer = Some(ZImageTransformer2DModel::from_folder(
-                self.folder.transformer(),
+            let file = self.files.transformer()?.weights.clone();
+            let checkpoint = Checkpoint::open(&file)?;
+            let bytes = checkpoint.weight_bytes();
+            let loaded = ZImageTransformer2DModel::load(
+                &self.transformer_config,
+                checkpoint,
                 &self.device,
-                self.dtype,
-            )?);
+                self.precision,
+            );
+            self.transformer = Some(published(loaded, &self.sources[0], "Z-Image transformer", &file)?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingTransformer,
                 elapsed: start.elapsed(),
+                bytes,
             });
         }
         Ok(())
@@ -181,14 +268,15 @@ impl<B: Backend> ZImagePipeline<B> {
         if self.vae.is_none() {
             let start = Instant::now();
             let _ = events(Event::Stage(Stage::LoadingVae));
-            self.vae = Some(AutoencoderKL::from_folder(
-                self.folder.vae(),
-                &self.device,
-                self.dtype,
-            )?);
+            let file = self.files.vae()?.weights.clone();
+            let checkpoint = Checkpoint::open(&file)?;
+            let bytes = checkpoint.weight_bytes();
+            let loaded = AutoencoderKL::load(&self.vae_config, checkpoint, &self.device, self.precision);
+            self.vae = Some(published(loaded, &self.sources[2], "Flux VAE", &file)?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingVae,
                 elapsed: start.elapsed(),
+                bytes,
             });
         }
         Ok(())
@@ -252,7 +340,10 @@ impl<B: Backend> ZImagePipeline<B> {
         };
         let positive = per_image(positive);
         let negative = per_image(negative);
-        let prompt_dtype = positive.first().map(Tensor::dtype).unwrap_or(self.dtype);
+        let prompt_dtype = positive
+            .first()
+            .map(Tensor::dtype)
+            .unwrap_or(self.precision.compute);
 
         // Schedule: Z-Image's sigmas (or the caller's), shifted; img2img starts part-way.
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
@@ -455,6 +546,20 @@ impl<B: Backend> ZImagePipeline<B> {
                 options.width, options.height
             ));
         }
+        // The DiT's position table bounds the image (8192 pixels a side for the published
+        // model): refuse here, before anything is allocated for an impossible size.
+        let config = &self.transformer_config;
+        let patch = config.all_patch_size.first().copied().unwrap_or(2);
+        let per_pixel = self.vae_config.downscale_factor() * patch;
+        for (side, value, axis) in [("height", options.height, 1), ("width", options.width, 2)] {
+            let positions = config.axes_lens.get(axis).copied().unwrap_or(0);
+            if value / per_pixel > positions {
+                return invalid(format!(
+                    "{side} {value} is more than the model's {} pixels a side (its position table has {positions} positions)",
+                    positions * per_pixel
+                ));
+            }
+        }
         if options.sigmas.is_none() && options.num_inference_steps == 0 {
             return invalid("at least one inference step is needed".into());
         }
@@ -490,6 +595,24 @@ impl<B: Backend> ZImagePipeline<B> {
     }
 }
 
+/// A component loaded with its built-in (published) config, or the error saying the file is not
+/// that component.
+fn published<M, E: Into<PipelineError>>(
+    loaded: Result<M, E>,
+    source: &ConfigSource,
+    component: &'static str,
+    file: &std::path::Path,
+) -> Result<M, PipelineError> {
+    loaded.map_err(|e| match (source, e.into()) {
+        (ConfigSource::Published, error) => PipelineError::NotPublished {
+            component,
+            file: file.to_path_buf(),
+            source: Box::new(error),
+        },
+        (_, error) => error,
+    })
+}
+
 struct Plan {
     batch: usize,
     channels: usize,
@@ -498,7 +621,7 @@ struct Plan {
 }
 
 /// Standard normal noise from the torch-compatible generator, drawn as a `dtype` tensor draws it.
-fn noise<B: Backend>(
+fn noise<B: ZBackend>(
     device: &B::Device,
     generator: &mut TorchGenerator,
     shape: [usize; 4],
@@ -514,7 +637,7 @@ fn noise<B: Backend>(
 }
 
 /// Scales `pred` down so that its norm is at most `factor * ||pos||` (norms over the whole image).
-fn renormalize<B: Backend>(pred: Tensor<B, 4>, pos: &Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
+fn renormalize<B: ZBackend>(pred: Tensor<B, 4>, pos: &Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
     let norm = |t: &Tensor<B, 4>| t.clone().square().sum().sqrt().into_scalar().elem::<f32>();
     let max_norm = norm(pos) * factor;
     let new_norm = norm(&pred);
@@ -540,7 +663,7 @@ fn prepare_image(image: &RgbImage, width: usize, height: usize) -> RgbImage {
 ///
 /// # Shapes
 /// -> `[1, 1, latent_height, latent_width]`, f32
-fn prepare_mask<B: Backend>(
+fn prepare_mask<B: ZBackend>(
     mask: &GrayImage,
     width: usize,
     height: usize,

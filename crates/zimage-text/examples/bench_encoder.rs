@@ -7,25 +7,10 @@
 use std::time::Instant;
 
 use burn::backend::NdArray;
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::DType;
 use zimage_text::{Qwen3Config, Qwen3TextEncoder};
 
 type B = NdArray<f32>;
-
-/// Stores every parameter contiguously. `Weights::random` hands out linear weights as transposed
-/// views of `[out, in]` tensors, which burn-ndarray multiplies about 2.5x slower than the
-/// contiguous `[in, out]` copies a checkpoint load makes; this measures the loaded layout.
-struct Contiguous;
-
-impl ModuleMapper<B> for Contiguous {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let device = tensor.device();
-        let tensor = Tensor::from_data(tensor.into_data(), &device);
-        Param::from_mapped_value(id, tensor, mapper)
-    }
-}
 
 /// Prompt length in tokens.
 const TOKENS: u32 = 128;
@@ -50,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Qwen3Config::default()
     };
     let device = Default::default();
-    let model = Qwen3TextEncoder::<B>::random(&config, &device, DType::F32)?.map(&mut Contiguous);
+    let model = Qwen3TextEncoder::<B>::random(&config, &device, DType::F32)?;
     // A fixed pseudo-random prompt.
     let ids: Vec<u32> = (0..TOKENS).map(|i| (i * 7919 + 13) % 151_643).collect();
     let threads = std::thread::available_parallelism()

@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-fn check<B: Backend>(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
+fn check<B: zimage_nn::ZBackend>(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
     let mut failures = 0;
     for (dtype, bar) in [(DType::F32, 2e-3), (DType::BF16, 3e-2)] {
@@ -82,10 +82,7 @@ fn check<B: Backend>(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
         }
 
         // The real vocabulary, prompt -> features, against diffusers' encode_prompt.
-        let gz = std::fs::read(root.join("tokenizer/tokenizer.json.gz"))?;
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut json)?;
-        let tokenizer = PromptTokenizer::from_bytes(&json)?;
+        let tokenizer = PromptTokenizer::qwen3()?;
         let model =
             Qwen3TextEncoder::<B>::from_folder(root.join("real/text_encoder"), &device, dtype)?;
         let spec: serde_json::Value =
@@ -112,7 +109,7 @@ fn check<B: Backend>(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let config = Qwen3Config::qwen3_4b();
     let start = Instant::now();
     let model = Qwen3TextEncoder::<B>::random(&config, &device, DType::BF16)?;
-    let _ = model.embed_tokens.val().slice([0..1, 0..1]).into_data();
+    let _ = model.embed_tokens.forward(&[0]).into_data();
     println!(
         "Qwen3-4B random bf16 weights made in {:.1} s",
         start.elapsed().as_secs_f64()

@@ -1,9 +1,8 @@
 use std::path::Path;
+use zimage_nn::ZBackend;
 
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
-use zimage_nn::{AttentionImpl, CheckpointError, WeightMap, Weights};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
+use zimage_nn::{AttentionImpl, CheckpointError, Embedding, Precision, WeightMap, Weights};
 
 use crate::checkpoint;
 use crate::layer::{LayerContext, Qwen3DecoderLayer};
@@ -16,27 +15,26 @@ use crate::{PromptTokenizer, Qwen3Config, TextError};
 ///
 /// The encoder owns its weights (about 8 GB for Qwen3-4B in bf16); dropping it frees them, so a
 /// pipeline can encode its prompts first and release the encoder before loading the DiT.
-#[derive(Module, Debug)]
-pub struct Qwen3TextEncoder<B: Backend> {
-    /// `embed_tokens.weight`, `[vocab_size, hidden_size]` (tied to the LM head, which is not needed).
-    pub embed_tokens: Param<Tensor<B, 2>>,
+#[derive(Debug, Clone)]
+pub struct Qwen3TextEncoder<B: ZBackend> {
+    /// `embed_tokens`, `[vocab_size, hidden_size]` (tied to the LM head, which is not needed).
+    pub embed_tokens: Embedding<B>,
     /// `layers.{i}` for `i < num_hidden_layers - 1`.
     pub layers: Vec<Qwen3DecoderLayer<B>>,
-    #[module(skip)]
     config: Qwen3Config,
-    #[module(skip)]
     rope: Qwen3RotaryEmbedding,
-    #[module(skip)]
     attention: AttentionImpl,
 }
 
-impl<B: Backend> Qwen3TextEncoder<B> {
+impl<B: ZBackend> Qwen3TextEncoder<B> {
     /// Builds the encoder through `w`; parameter paths are transformers' `Qwen3Model` names.
     pub fn build(config: &Qwen3Config, w: &Weights<B>) -> Result<Self, CheckpointError> {
         Ok(Self {
-            embed_tokens: w
-                .pp("embed_tokens")
-                .param("weight", [config.vocab_size, config.hidden_size])?,
+            embed_tokens: Embedding::load(
+                &w.pp("embed_tokens"),
+                config.vocab_size,
+                config.hidden_size,
+            )?,
             layers: (0..config.layers_used())
                 .map(|i| Qwen3DecoderLayer::load(&w.pp("layers").pp(i), config))
                 .collect::<Result<_, _>>()?,
@@ -47,16 +45,16 @@ impl<B: Backend> Qwen3TextEncoder<B> {
     }
 
     /// Loads from a checkpoint with or without the `model.` prefix (see [`checkpoint`]); every
-    /// tensor is cast to `dtype`, one at a time.
+    /// weight matrix is held as `precision` says ([`Precision`]), the rest in its compute dtype.
     pub fn load(
         config: &Qwen3Config,
         checkpoint: zimage_nn::Checkpoint,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TextError> {
         config.validate()?;
         let map = WeightMap::new(checkpoint, |name, _| checkpoint::map_key(config, name));
-        Ok(zimage_nn::load_module(&map, device, dtype, |w| {
+        Ok(zimage_nn::load_module(&map, device, precision, |w| {
             Self::build(config, w)
         })?)
     }
@@ -66,21 +64,26 @@ impl<B: Backend> Qwen3TextEncoder<B> {
     pub fn from_folder(
         folder: impl AsRef<Path>,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TextError> {
         let folder = folder.as_ref();
         let config = Qwen3Config::from_file(folder.join("config.json"))?;
-        Self::load(&config, zimage_nn::Checkpoint::open(folder)?, device, dtype)
+        Self::load(
+            &config,
+            zimage_nn::Checkpoint::open(folder)?,
+            device,
+            precision,
+        )
     }
 
     /// Random weights made on the device (benchmarks).
     pub fn random(
         config: &Qwen3Config,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TextError> {
         config.validate()?;
-        Ok(Self::build(config, &Weights::random(device, dtype))?)
+        Ok(Self::build(config, &Weights::random(device, precision))?)
     }
 
     pub fn config(&self) -> &Qwen3Config {
@@ -93,9 +96,9 @@ impl<B: Backend> Qwen3TextEncoder<B> {
         self
     }
 
-    /// The dtype of the weights, and of the features.
+    /// The compute dtype, and that of the features.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.val().dtype()
+        self.embed_tokens.dtype()
     }
 
     /// Features of a batch of token-id sequences: one `[len_i, hidden_size]` tensor per sequence,
@@ -129,26 +132,20 @@ impl<B: Backend> Qwen3TextEncoder<B> {
             }
         }
 
-        let device = self.embed_tokens.device();
+        let device = self.embed_tokens.device().clone();
         let batch = ids.len();
         let hidden = self.config.hidden_size;
         // Padding id 0: any valid id would do, padded rows are dropped.
-        let flat: Vec<i64> = ids
+        let flat: Vec<u32> = ids
             .iter()
             .flat_map(|seq| {
                 let seq = seq.as_ref();
                 seq.iter()
-                    .map(|&id| i64::from(id))
+                    .copied()
                     .chain(std::iter::repeat_n(0, longest - seq.len()))
             })
             .collect();
-        let flat =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [batch * longest]), &device);
-        let mut x = self
-            .embed_tokens
-            .val()
-            .select(0, flat)
-            .reshape([batch, longest, hidden]);
+        let mut x = zimage_nn::reshape(self.embed_tokens.forward(&flat), [batch, longest, hidden]);
 
         // With causal attention and right padding a real token never sees a padded key; the mask
         // (what transformers builds from `attention_mask`) also keeps padded rows well defined.
@@ -160,7 +157,7 @@ impl<B: Backend> Qwen3TextEncoder<B> {
             Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [batch, longest]), &device)
         });
         let ctx = LayerContext {
-            rope: self.rope.tensors(longest, self.dtype(), &device),
+            rope: self.rope.rotary(longest, &device),
             key_valid,
             attention: self.attention,
         };
@@ -227,10 +224,7 @@ mod tests {
         let model = Qwen3TextEncoder::<NdArray>::random(&tiny(1), &device, DType::F32).unwrap();
         assert!(model.layers.is_empty());
         let out = model.encode(&[vec![3u32, 1]]).unwrap();
-        let rows = model
-            .embed_tokens
-            .val()
-            .select(0, Tensor::<NdArray, 1, Int>::from_data([3i64, 1], &device));
+        let rows = model.embed_tokens.forward(&[3, 1]);
         assert_eq!(out[0].to_data(), rows.to_data());
     }
 

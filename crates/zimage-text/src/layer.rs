@@ -1,16 +1,14 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 use zimage_nn::attention::attention;
+use zimage_nn::ZBackend;
 use zimage_nn::{reshape, silu_mul, AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
 
-use crate::rope::Rope;
 use crate::Qwen3Config;
 
 /// What every layer of one pass shares.
 #[derive(Debug, Clone)]
-pub struct LayerContext<B: Backend> {
-    pub rope: Rope<B>,
+pub struct LayerContext<B: ZBackend> {
+    pub rope: zimage_nn::Rotary<B>,
     /// `[batch, tokens]`, `true` for real tokens; `None` when no prompt is padded.
     pub key_valid: Option<Tensor<B, 2, Bool>>,
     pub attention: AttentionImpl,
@@ -18,8 +16,8 @@ pub struct LayerContext<B: Backend> {
 
 /// `self_attn`: grouped-query causal attention with a per-head RMSNorm on queries and keys
 /// (`q_norm`, `k_norm`) before RoPE.
-#[derive(Module, Debug)]
-pub struct Qwen3Attention<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Qwen3Attention<B: ZBackend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
@@ -31,7 +29,7 @@ pub struct Qwen3Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Qwen3Attention<B> {
+impl<B: ZBackend> Qwen3Attention<B> {
     pub fn load(w: &Weights<B>, config: &Qwen3Config) -> Result<Self, CheckpointError> {
         let hidden = config.hidden_size;
         let (heads, kv_heads, head_dim) = (
@@ -88,14 +86,14 @@ impl<B: Backend> Qwen3Attention<B> {
 }
 
 /// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`.
-#[derive(Module, Debug)]
-pub struct Qwen3Mlp<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Qwen3Mlp<B: ZBackend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Qwen3Mlp<B> {
+impl<B: ZBackend> Qwen3Mlp<B> {
     pub fn load(
         w: &Weights<B>,
         hidden: usize,
@@ -119,15 +117,15 @@ impl<B: Backend> Qwen3Mlp<B> {
 }
 
 /// `layers.{i}`: pre-norm attention and MLP, each added to the residual stream.
-#[derive(Module, Debug)]
-pub struct Qwen3DecoderLayer<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Qwen3DecoderLayer<B: ZBackend> {
     pub self_attn: Qwen3Attention<B>,
     pub mlp: Qwen3Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> Qwen3DecoderLayer<B> {
+impl<B: ZBackend> Qwen3DecoderLayer<B> {
     pub fn load(w: &Weights<B>, config: &Qwen3Config) -> Result<Self, CheckpointError> {
         let hidden = config.hidden_size;
         let eps = config.rms_norm_eps;

@@ -35,6 +35,6 @@ pub use config::{Qwen3Config, RopeParameters};
 pub use encoder::Qwen3TextEncoder;
 pub use error::TextError;
 pub use layer::{LayerContext, Qwen3Attention, Qwen3DecoderLayer, Qwen3Mlp};
-pub use rope::{Qwen3RotaryEmbedding, Rope};
-pub use tokenizer::{PromptTokenizer, DEFAULT_MAX_SEQUENCE_LENGTH};
+pub use rope::Qwen3RotaryEmbedding;
+pub use tokenizer::{qwen3_tokenizer_json, PromptTokenizer, DEFAULT_MAX_SEQUENCE_LENGTH};
 pub use zimage_nn::AttentionImpl;

@@ -1,8 +1,7 @@
 //! Qwen3's rotary position embedding: the default RoPE type, applied to halves of each head
 //! (`rotate_half`), not to interleaved pairs as in the DiT.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use zimage_nn::{Rotary, RotaryLayout, RotaryTable, ZBackend};
 
 /// Inverse frequencies and cos/sin tables, computed on the host in f32 the way transformers'
 /// `Qwen3RotaryEmbedding` computes them.
@@ -48,44 +47,27 @@ impl Qwen3RotaryEmbedding {
         (cos, sin)
     }
 
-    /// The tables of positions `0..len` on the device in `dtype`, shaped to broadcast over batch
-    /// and heads. transformers casts cos/sin to the activation dtype and rotates in that dtype.
-    pub fn tensors<B: Backend>(&self, len: usize, dtype: DType, device: &B::Device) -> Rope<B> {
-        let head_dim = self.head_dim();
-        let (cos, sin) = self.table(len);
-        let upload = |values: Vec<f32>| {
-            Tensor::<B, 4>::from_data(
-                TensorData::new(values, [1, len, 1, head_dim]),
-                (device, DType::F32),
-            )
-            .cast(dtype)
-        };
-        Rope {
-            cos: upload(cos),
-            sin: upload(sin),
+    /// The rotation of positions `0..len`, shared by every prompt of a batch (right padding).
+    /// transformers casts cos/sin to the activation dtype and rotates in that dtype.
+    pub fn rotary<B: ZBackend>(&self, len: usize, device: &B::Device) -> Rotary<B> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for pos in 0..len {
+            for f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
         }
-    }
-}
-
-/// cos/sin of one pass, `[1, tokens, 1, head_dim]` (positions count from 0 for every prompt: the
-/// batch is padded on the right).
-#[derive(Debug, Clone)]
-pub struct Rope<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
-}
-
-impl<B: Backend> Rope<B> {
-    /// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x[d/2:], x[:d/2])`.
-    ///
-    /// # Shapes
-    /// `[batch, tokens, heads, head_dim]` -> the same
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let half = x.dims()[3] / 2;
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let table = RotaryTable {
+            cos,
+            sin,
+            items: 1,
+            tokens: len,
+            pairs: half,
+        };
+        Rotary::new(RotaryLayout::Halves, table, device)
     }
 }
 

@@ -12,6 +12,20 @@ pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 /// Tokens the chat template is made of; a tokenizer without them is not a Qwen tokenizer.
 const TEMPLATE_TOKENS: [&str; 2] = ["<|im_start|>", "<|im_end|>"];
 
+/// The built-in Qwen3 `tokenizer.json` ([`PromptTokenizer::qwen3`]), decompressed.
+pub fn qwen3_tokenizer_json() -> Result<Vec<u8>, TextError> {
+    use std::io::Read;
+    static GZIPPED: &[u8] = include_bytes!("../assets/qwen3-tokenizer.json.gz");
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(GZIPPED)
+        .read_to_end(&mut json)
+        .map_err(|e| TextError::Tokenizer {
+            path: None,
+            reason: format!("the built-in tokenizer does not decompress: {e}"),
+        })?;
+    Ok(json)
+}
+
 /// The Qwen3 tokenizer (`tokenizer/tokenizer.json`) with Z-Image's prompt template.
 ///
 /// Special-token text in a prompt (`<|im_end|>`, `<think>`) becomes that token, as it does in
@@ -45,6 +59,13 @@ impl PromptTokenizer {
     /// Reads `tokenizer.json` in a checkpoint's `tokenizer/` folder.
     pub fn from_folder(folder: impl AsRef<Path>) -> Result<Self, TextError> {
         Self::from_file(folder.as_ref().join("tokenizer.json"))
+    }
+
+    /// The Qwen3 tokenizer built into the library (Qwen2, 2.5 and 3 share it): the model's
+    /// `tokenizer.json`, rebuilt from Qwen's Apache-2.0 BPE ranks (`tests/fixtures/make_qwen3_tokenizer.py`)
+    /// and gzipped into the binary (1.8 MB), for models given as single weight files.
+    pub fn qwen3() -> Result<Self, TextError> {
+        Self::from_bytes(&qwen3_tokenizer_json()?)
     }
 
     /// Parses the contents of a `tokenizer.json`.

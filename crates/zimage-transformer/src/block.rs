@@ -1,11 +1,9 @@
-use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 use zimage_nn::attention::attention;
+use zimage_nn::ZBackend;
 use zimage_nn::{reshape, silu_mul, AttentionImpl, CheckpointError, Linear, RmsNorm, Weights};
 
-use crate::rope::Rope;
 use crate::ZImageTransformerConfig;
 
 /// diffusers builds the q/k norms with a fixed eps, whatever `norm_eps` says.
@@ -13,16 +11,16 @@ const QK_NORM_EPS: f64 = 1e-5;
 
 /// What every block of one pass shares: rotation, key-padding mask and attention choice.
 #[derive(Debug, Clone)]
-pub struct SequenceContext<B: Backend> {
-    pub rope: Rope<B>,
+pub struct SequenceContext<B: ZBackend> {
+    pub rope: zimage_nn::Rotary<B>,
     /// `[batch, tokens]`, `true` for real tokens; `None` when no item is batch-padded.
     pub key_valid: Option<Tensor<B, 2, Bool>>,
     pub attention: AttentionImpl,
 }
 
 /// Self-attention with per-head RMSNorm on q and k, then RoPE (`attention` in diffusers).
-#[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Attention<B: ZBackend> {
     pub to_q: Linear<B>,
     pub to_k: Linear<B>,
     pub to_v: Linear<B>,
@@ -33,7 +31,7 @@ pub struct Attention<B: Backend> {
     pub heads: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: ZBackend> Attention<B> {
     pub fn load(
         w: &Weights<B>,
         dim: usize,
@@ -88,14 +86,14 @@ impl<B: Backend> Attention<B> {
 }
 
 /// SwiGLU: `w2(silu(w1 x) * w3 x)`.
-#[derive(Module, Debug)]
-pub struct FeedForward<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct FeedForward<B: ZBackend> {
     pub w1: Linear<B>,
     pub w2: Linear<B>,
     pub w3: Linear<B>,
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: ZBackend> FeedForward<B> {
     pub fn load(w: &Weights<B>, dim: usize, hidden: usize) -> Result<Self, CheckpointError> {
         Ok(Self {
             w1: Linear::load(&w.pp("w1"), dim, hidden, false)?,
@@ -112,8 +110,8 @@ impl<B: Backend> FeedForward<B> {
 
 /// `ZImageTransformerBlock`: sandwich-normed attention and SwiGLU, optionally modulated by the
 /// timestep (`layers.*` and `noise_refiner.*` are; `context_refiner.*` is not).
-#[derive(Module, Debug)]
-pub struct ZImageTransformerBlock<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct ZImageTransformerBlock<B: ZBackend> {
     pub attention: Attention<B>,
     pub feed_forward: FeedForward<B>,
     pub attention_norm1: RmsNorm<B>,
@@ -124,7 +122,7 @@ pub struct ZImageTransformerBlock<B: Backend> {
     pub modulation: Option<Linear<B>>,
 }
 
-impl<B: Backend> ZImageTransformerBlock<B> {
+impl<B: ZBackend> ZImageTransformerBlock<B> {
     pub fn load(
         w: &Weights<B>,
         config: &ZImageTransformerConfig,
@@ -196,8 +194,8 @@ impl<B: Backend> ZImageTransformerBlock<B> {
 
 /// `all_final_layer.{p}-{pF}`: `LayerNorm` without affine (eps 1e-6) scaled by
 /// `1 + Linear(SiLU(c))`, then a Linear to the patch width.
-#[derive(Module, Debug)]
-pub struct FinalLayer<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct FinalLayer<B: ZBackend> {
     /// `adaLN_modulation.1` (index 0 is the SiLU).
     pub modulation: Linear<B>,
     pub linear: Linear<B>,
@@ -205,7 +203,7 @@ pub struct FinalLayer<B: Backend> {
 
 const FINAL_NORM_EPS: f64 = 1e-6;
 
-impl<B: Backend> FinalLayer<B> {
+impl<B: ZBackend> FinalLayer<B> {
     pub fn load(
         w: &Weights<B>,
         dim: usize,

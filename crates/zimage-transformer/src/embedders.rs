@@ -1,7 +1,6 @@
-use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use zimage_nn::ZBackend;
 use zimage_nn::{CheckpointError, Linear, RmsNorm, Weights};
 
 /// Width of the sinusoidal timestep features.
@@ -10,15 +9,15 @@ const FREQUENCY_EMBEDDING_SIZE: usize = 256;
 const TIMESTEP_MID_SIZE: usize = 1024;
 
 /// `t_embedder`: sinusoidal features of the (scaled) timestep through a two-layer MLP.
-#[derive(Module, Debug)]
-pub struct TimestepEmbedder<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedder<B: ZBackend> {
     /// `mlp.0`: 256 -> 1024.
     pub mlp_0: Linear<B>,
     /// `mlp.2`: 1024 -> adaLN width (`mlp.1` is the SiLU between them).
     pub mlp_2: Linear<B>,
 }
 
-impl<B: Backend> TimestepEmbedder<B> {
+impl<B: ZBackend> TimestepEmbedder<B> {
     pub fn load(w: &Weights<B>, out_size: usize) -> Result<Self, CheckpointError> {
         let mlp = w.pp("mlp");
         Ok(Self {
@@ -32,11 +31,10 @@ impl<B: Backend> TimestepEmbedder<B> {
         })
     }
 
-    /// `t`: already multiplied by `t_scale`. Returns `[batch, out_size]` in the weights' dtype.
-    pub fn forward(&self, t: &[f32], device: &B::Device) -> Tensor<B, 2> {
+    /// `t`: already multiplied by `t_scale`. Returns `[batch, out_size]` in `dtype`.
+    pub fn forward(&self, t: &[f32], device: &B::Device, dtype: DType) -> Tensor<B, 2> {
         let features = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE);
         let data = TensorData::new(features, [t.len(), FREQUENCY_EMBEDDING_SIZE]);
-        let dtype = self.mlp_0.weight.val().dtype();
         let x = Tensor::<B, 2>::from_data(data, (device, DType::F32)).cast(dtype);
         self.mlp_2.forward(silu(self.mlp_0.forward(x)))
     }
@@ -63,15 +61,15 @@ pub fn timestep_embedding(t: &[f32], dim: usize) -> Vec<f32> {
 }
 
 /// `cap_embedder`: RMSNorm of the text features, then a Linear to the model width.
-#[derive(Module, Debug)]
-pub struct CaptionEmbedder<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct CaptionEmbedder<B: ZBackend> {
     /// `cap_embedder.0`
     pub norm: RmsNorm<B>,
     /// `cap_embedder.1`
     pub linear: Linear<B>,
 }
 
-impl<B: Backend> CaptionEmbedder<B> {
+impl<B: ZBackend> CaptionEmbedder<B> {
     pub fn load(
         w: &Weights<B>,
         cap_feat_dim: usize,

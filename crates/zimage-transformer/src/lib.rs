@@ -23,5 +23,5 @@ pub use config::{ZImageTransformerConfig, SEQ_MULTI_OF};
 pub use embedders::{timestep_embedding, CaptionEmbedder, TimestepEmbedder};
 pub use error::TransformerError;
 pub use model::{LayerResiduals, ZImageTransformer2DModel};
-pub use rope::{Rope, RopeEmbedder, RopeTable};
+pub use rope::{RopeEmbedder, RopeTable};
 pub use zimage_nn::AttentionImpl;

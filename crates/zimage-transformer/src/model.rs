@@ -1,16 +1,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
+use zimage_nn::ZBackend;
 
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
-use zimage_nn::{AttentionImpl, CheckpointError, Linear, WeightMap, Weights};
+use zimage_nn::{AttentionImpl, CheckpointError, Linear, Precision, WeightMap, Weights};
 
 use crate::block::{FinalLayer, SequenceContext, ZImageTransformerBlock};
 use crate::checkpoint;
 use crate::config::SEQ_MULTI_OF;
 use crate::embedders::{CaptionEmbedder, TimestepEmbedder};
-use crate::rope::{Rope, RopeEmbedder, RopeTable};
+use crate::rope::{RopeEmbedder, RopeTable};
 use crate::{TransformerError, ZImageTransformerConfig};
 
 /// Residuals added to the unified sequence right after chosen main layers (layer index ->
@@ -18,8 +17,8 @@ use crate::{TransformerError, ZImageTransformerConfig};
 pub type LayerResiduals<B> = BTreeMap<usize, Tensor<B, 3>>;
 
 /// The Z-Image S3-DiT (`ZImageTransformer2DModel` in diffusers).
-#[derive(Module, Debug)]
-pub struct ZImageTransformer2DModel<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct ZImageTransformer2DModel<B: ZBackend> {
     /// `all_x_embedder.{p}-{pF}`, one per configured patch size.
     pub x_embedders: Vec<Linear<B>>,
     /// `all_final_layer.{p}-{pF}`.
@@ -27,17 +26,14 @@ pub struct ZImageTransformer2DModel<B: Backend> {
     pub t_embedder: TimestepEmbedder<B>,
     pub cap_embedder: CaptionEmbedder<B>,
     /// `x_pad_token`, `[1, dim]`: fills image token runs up to a multiple of 32.
-    pub x_pad_token: Param<Tensor<B, 2>>,
+    pub x_pad_token: Tensor<B, 2>,
     /// `cap_pad_token`, `[1, dim]`: fills caption runs up to a multiple of 32.
-    pub cap_pad_token: Param<Tensor<B, 2>>,
+    pub cap_pad_token: Tensor<B, 2>,
     pub noise_refiner: Vec<ZImageTransformerBlock<B>>,
     pub context_refiner: Vec<ZImageTransformerBlock<B>>,
     pub layers: Vec<ZImageTransformerBlock<B>>,
-    #[module(skip)]
     config: ZImageTransformerConfig,
-    #[module(skip)]
     rope: RopeEmbedder,
-    #[module(skip)]
     attention: AttentionImpl,
 }
 
@@ -53,7 +49,7 @@ struct ItemLayout {
     caption_padded: usize,
 }
 
-impl<B: Backend> ZImageTransformer2DModel<B> {
+impl<B: ZBackend> ZImageTransformer2DModel<B> {
     /// Builds the model through `w`; parameter paths are the diffusers checkpoint names.
     pub fn build(
         config: &ZImageTransformerConfig,
@@ -95,8 +91,8 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
                 dim,
                 config.norm_eps,
             )?,
-            x_pad_token: w.param("x_pad_token", [1, dim])?,
-            cap_pad_token: w.param("cap_pad_token", [1, dim])?,
+            x_pad_token: w.tensor("x_pad_token", [1, dim])?,
+            cap_pad_token: w.tensor("cap_pad_token", [1, dim])?,
             noise_refiner: blocks("noise_refiner", config.n_refiner_layers, true)?,
             context_refiner: blocks("context_refiner", config.n_refiner_layers, false)?,
             layers: blocks("layers", config.n_layers, true)?,
@@ -107,18 +103,18 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
     }
 
     /// Loads from a checkpoint in diffusers or original/ComfyUI naming (see [`checkpoint`]).
-    /// Every tensor is cast to `dtype`.
+    /// Weight matrices are held as `precision` says ([`Precision`]), the rest in its compute dtype.
     pub fn load(
         config: &ZImageTransformerConfig,
         checkpoint: zimage_nn::Checkpoint,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TransformerError> {
         config.validate()?;
         let map = WeightMap::new(checkpoint, |name, shape| {
             checkpoint::map_key(config, name, shape)
         });
-        Ok(zimage_nn::load_module(&map, device, dtype, |w| {
+        Ok(zimage_nn::load_module(&map, device, precision, |w| {
             Self::build(config, w)
         })?)
     }
@@ -128,21 +124,26 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
     pub fn from_folder(
         folder: impl AsRef<Path>,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TransformerError> {
         let folder = folder.as_ref();
         let config = ZImageTransformerConfig::from_file(folder.join("config.json"))?;
-        Self::load(&config, zimage_nn::Checkpoint::open(folder)?, device, dtype)
+        Self::load(
+            &config,
+            zimage_nn::Checkpoint::open(folder)?,
+            device,
+            precision,
+        )
     }
 
     /// Random weights made on the device (benchmarks).
     pub fn random(
         config: &ZImageTransformerConfig,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, TransformerError> {
         config.validate()?;
-        Ok(Self::build(config, &Weights::random(device, dtype))?)
+        Ok(Self::build(config, &Weights::random(device, precision))?)
     }
 
     pub fn config(&self) -> &ZImageTransformerConfig {
@@ -157,7 +158,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
 
     /// The dtype of the weights (inputs are cast to it).
     pub fn dtype(&self) -> DType {
-        self.x_pad_token.val().dtype()
+        self.x_pad_token.dtype()
     }
 
     /// One denoising evaluation, as `ZImageTransformer2DModel.forward` in diffusers.
@@ -204,7 +205,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
             .iter()
             .map(|&t| t * config.t_scale as f32)
             .collect();
-        let adaln = self.t_embedder.forward(&scaled, &device).cast(dtype);
+        let adaln = self.t_embedder.forward(&scaled, &device, dtype);
 
         // Image tokens: patchify, embed, fill to a multiple of 32 with the pad token.
         let patches: Vec<Tensor<B, 2>> = latents
@@ -216,13 +217,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
         let image_runs: Vec<_> = image_runs
             .into_iter()
             .zip(&layouts)
-            .map(|(run, l)| {
-                fill(
-                    run,
-                    &self.x_pad_token.val(),
-                    l.image_padded - l.image_tokens,
-                )
-            })
+            .map(|(run, l)| fill(run, &self.x_pad_token, l.image_padded - l.image_tokens))
             .collect();
         let image_rope = |l: &ItemLayout, table: &mut RopeTable| -> Result<(), TransformerError> {
             let [ft, ht, wt] = l.grid;
@@ -257,7 +252,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
             .map(|(run, l)| {
                 fill(
                     run,
-                    &self.cap_pad_token.val(),
+                    &self.cap_pad_token,
                     l.caption_padded - l.caption_tokens,
                 )
             })
@@ -411,7 +406,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
             Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [batch, longest]), device)
         });
         Ok(SequenceContext {
-            rope: Rope::new(table, batch, longest, self.rope.pairs(), device),
+            rope: table.into_rotary(batch, longest, self.rope.pairs(), device),
             key_valid,
             attention: self.attention,
         })
@@ -421,7 +416,7 @@ impl<B: Backend> ZImageTransformer2DModel<B> {
 /// `[C, F, H, W]` -> `[tokens, pF * p * p * C]`: tokens row-major over (f, h, w), each vector
 /// ordered (pF, pH, pW, C) with the channel fastest. (At most six dimensions: burn-ndarray's
 /// limit.)
-fn patchify<B: Backend>(x: Tensor<B, 4>, patch: usize, f_patch: usize) -> Tensor<B, 2> {
+fn patchify<B: ZBackend>(x: Tensor<B, 4>, patch: usize, f_patch: usize) -> Tensor<B, 2> {
     let [c, f, h, w] = x.dims();
     let (ft, ht, wt) = (f / f_patch, h / patch, w / patch);
     x.reshape([c, f * h * w])
@@ -432,7 +427,7 @@ fn patchify<B: Backend>(x: Tensor<B, 4>, patch: usize, f_patch: usize) -> Tensor
 }
 
 /// Inverse of [`patchify`].
-fn unpatchify<B: Backend>(
+fn unpatchify<B: ZBackend>(
     x: Tensor<B, 2>,
     [f, h, w]: [usize; 3],
     c: usize,
@@ -447,7 +442,10 @@ fn unpatchify<B: Backend>(
         .reshape([c, f, h, w])
 }
 
-fn split_rows<B: Backend>(x: Tensor<B, 2>, lens: impl Iterator<Item = usize>) -> Vec<Tensor<B, 2>> {
+fn split_rows<B: ZBackend>(
+    x: Tensor<B, 2>,
+    lens: impl Iterator<Item = usize>,
+) -> Vec<Tensor<B, 2>> {
     let mut start = 0;
     lens.map(|len| {
         let part = x.clone().narrow(0, start, len);
@@ -458,7 +456,7 @@ fn split_rows<B: Backend>(x: Tensor<B, 2>, lens: impl Iterator<Item = usize>) ->
 }
 
 /// Appends `count` copies of the `[1, dim]` pad token.
-fn fill<B: Backend>(run: Tensor<B, 2>, pad: &Tensor<B, 2>, count: usize) -> Tensor<B, 2> {
+fn fill<B: ZBackend>(run: Tensor<B, 2>, pad: &Tensor<B, 2>, count: usize) -> Tensor<B, 2> {
     if count == 0 {
         return run;
     }
@@ -467,7 +465,7 @@ fn fill<B: Backend>(run: Tensor<B, 2>, pad: &Tensor<B, 2>, count: usize) -> Tens
 }
 
 /// Stacks runs into `[batch, longest, dim]`, zero-filling the shorter ones (as `pad_sequence`).
-fn pad_batch<B: Backend>(
+fn pad_batch<B: ZBackend>(
     runs: Vec<Tensor<B, 2>>,
     lens: &[usize],
     dim: usize,

@@ -1,11 +1,12 @@
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use zimage_nn::attention::attention;
+use zimage_nn::ZBackend;
 use zimage_nn::{AttentionImpl, CheckpointError, Linear, Weights};
 
 use crate::checkpoint::ProjectionLayout;
-use crate::norm::{GroupNorm, GROUP_NORM_EPS};
+use zimage_nn::GroupNorm;
+
+use crate::GROUP_NORM_EPS;
 
 /// Queries per attention call. Single-head attention over every latent pixel is quadratic: at
 /// 1024x1024 pixels (16,384 latent pixels) one score matrix is 1 GiB in f32, so backends that
@@ -16,8 +17,8 @@ const QUERY_CHUNK: usize = 4096;
 /// The mid-block self-attention (`attentions.0`, diffusers' `Attention` built with
 /// `_from_deprecated_attn_block`): GroupNorm, one head as wide as the channels, q/k/v/out
 /// projections with biases, residual added.
-#[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Attention<B: ZBackend> {
     pub group_norm: GroupNorm<B>,
     pub to_q: Linear<B>,
     pub to_k: Linear<B>,
@@ -26,7 +27,7 @@ pub struct Attention<B: Backend> {
     pub to_out: Linear<B>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: ZBackend> Attention<B> {
     pub fn load(
         w: &Weights<B>,
         channels: usize,
@@ -34,19 +35,12 @@ impl<B: Backend> Attention<B> {
         layout: ProjectionLayout,
     ) -> Result<Self, CheckpointError> {
         let projection = |w: &Weights<B>| -> Result<Linear<B>, CheckpointError> {
-            match layout {
-                ProjectionLayout::Linear => Linear::load(w, channels, channels, true),
-                ProjectionLayout::Conv1x1 => {
-                    // [out, in, 1, 1] -> [in, out]. The sizes come from the tensor itself: the
-                    // dry run that lists the expected tensors hands out placeholders.
-                    let weight = w.tensor("weight", [channels, channels, 1, 1])?;
-                    let [out, input, _, _] = weight.dims();
-                    Ok(Linear {
-                        weight: Param::from_tensor(weight.reshape([out, input]).transpose()),
-                        bias: Some(w.param("bias", [channels])?),
-                    })
-                }
-            }
+            let stored: &[usize] = match layout {
+                ProjectionLayout::Linear => &[channels, channels],
+                // BFL's 1x1 convolutions: the same values as `[out, in, 1, 1]`.
+                ProjectionLayout::Conv1x1 => &[channels, channels, 1, 1],
+            };
+            Linear::load_stored_as(w, channels, channels, true, stored)
         };
         Ok(Self {
             group_norm: GroupNorm::load(&w.pp("group_norm"), groups, channels, GROUP_NORM_EPS)?,

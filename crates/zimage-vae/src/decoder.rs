@@ -1,26 +1,27 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use zimage_nn::ZBackend;
 use zimage_nn::{AttentionImpl, CheckpointError, Weights};
 
 use crate::checkpoint::ProjectionLayout;
-use crate::conv::Conv2d;
 use crate::mid_block::UNetMidBlock2D;
-use crate::norm::{GroupNorm, GROUP_NORM_EPS};
+use zimage_nn::Conv2d;
+use zimage_nn::GroupNorm;
+
 use crate::resnet::ResnetBlock2D;
 use crate::sampling::Upsample2D;
 use crate::AutoencoderKLConfig;
+use crate::GROUP_NORM_EPS;
 
 /// diffusers' `UpDecoderBlock2D`: `layers_per_block + 1` resnets, then (but in the last block) an
 /// upsampler.
-#[derive(Module, Debug)]
-pub struct UpDecoderBlock2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct UpDecoderBlock2D<B: ZBackend> {
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// `upsamplers.0`.
     pub upsampler: Option<Upsample2D<B>>,
 }
 
-impl<B: Backend> UpDecoderBlock2D<B> {
+impl<B: ZBackend> UpDecoderBlock2D<B> {
     /// # Shapes
     /// `[batch, in, height, width]` -> `[batch, out, 2 height, 2 width]` (or the same size
     /// without upsampler)
@@ -34,8 +35,8 @@ impl<B: Backend> UpDecoderBlock2D<B> {
 }
 
 /// The decoder (`decoder.*`): latents to an image in about [-1, 1].
-#[derive(Module, Debug)]
-pub struct Decoder<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Decoder<B: ZBackend> {
     pub conv_in: Conv2d<B>,
     pub mid_block: UNetMidBlock2D<B>,
     /// Widest first: block `i` has `block_out_channels[blocks - 1 - i]` channels.
@@ -44,7 +45,7 @@ pub struct Decoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: ZBackend> Decoder<B> {
     pub fn load(
         w: &Weights<B>,
         config: &AutoencoderKLConfig,

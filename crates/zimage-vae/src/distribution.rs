@@ -1,5 +1,5 @@
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use zimage_nn::ZBackend;
 
 use crate::VaeError;
 
@@ -10,14 +10,14 @@ const LOGVAR_MAX: f64 = 20.0;
 /// The latent posterior the encoder predicts: a Gaussian with diagonal covariance per latent
 /// pixel (diffusers' `DiagonalGaussianDistribution`).
 #[derive(Debug, Clone)]
-pub struct DiagonalGaussianDistribution<B: Backend> {
+pub struct DiagonalGaussianDistribution<B: ZBackend> {
     /// `[batch, latent_channels, h, w]`
     pub mean: Tensor<B, 4>,
     /// `[batch, latent_channels, h, w]`, clamped to [-30, 20].
     pub logvar: Tensor<B, 4>,
 }
 
-impl<B: Backend> DiagonalGaussianDistribution<B> {
+impl<B: ZBackend> DiagonalGaussianDistribution<B> {
     /// Splits the encoder's moments: the first half of the channels is the mean, the second the
     /// log-variance.
     ///

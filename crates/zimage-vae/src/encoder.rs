@@ -1,26 +1,27 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use zimage_nn::ZBackend;
 use zimage_nn::{AttentionImpl, CheckpointError, Weights};
 
 use crate::checkpoint::ProjectionLayout;
-use crate::conv::Conv2d;
 use crate::mid_block::UNetMidBlock2D;
-use crate::norm::{GroupNorm, GROUP_NORM_EPS};
+use zimage_nn::Conv2d;
+use zimage_nn::GroupNorm;
+
 use crate::resnet::ResnetBlock2D;
 use crate::sampling::Downsample2D;
 use crate::AutoencoderKLConfig;
+use crate::GROUP_NORM_EPS;
 
 /// diffusers' `DownEncoderBlock2D`: `layers_per_block` resnets, then (but in the last block) a
 /// downsampler.
-#[derive(Module, Debug)]
-pub struct DownEncoderBlock2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct DownEncoderBlock2D<B: ZBackend> {
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// `downsamplers.0`.
     pub downsampler: Option<Downsample2D<B>>,
 }
 
-impl<B: Backend> DownEncoderBlock2D<B> {
+impl<B: ZBackend> DownEncoderBlock2D<B> {
     /// # Shapes
     /// `[batch, in, height, width]` -> `[batch, out, height / 2, width / 2]` (or the same size
     /// without downsampler)
@@ -35,8 +36,8 @@ impl<B: Backend> DownEncoderBlock2D<B> {
 
 /// The encoder (`encoder.*`): image to the moments (mean and log-variance) of the latent
 /// posterior.
-#[derive(Module, Debug)]
-pub struct Encoder<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Encoder<B: ZBackend> {
     pub conv_in: Conv2d<B>,
     pub down_blocks: Vec<DownEncoderBlock2D<B>>,
     pub mid_block: UNetMidBlock2D<B>,
@@ -45,7 +46,7 @@ pub struct Encoder<B: Backend> {
     pub conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: ZBackend> Encoder<B> {
     pub fn load(
         w: &Weights<B>,
         config: &AutoencoderKLConfig,

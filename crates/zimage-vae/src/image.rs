@@ -1,9 +1,9 @@
 //! Conversions between RGB8 images and the VAE's [-1, 1] tensors, the way diffusers'
 //! `VaeImageProcessor` does them.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use image::RgbImage;
+use zimage_nn::ZBackend;
 
 use crate::VaeError;
 
@@ -12,7 +12,7 @@ use crate::VaeError;
 ///
 /// # Shapes
 /// `height x width` RGB -> `[1, 3, height, width]`
-pub fn image_to_tensor<B: Backend>(
+pub fn image_to_tensor<B: ZBackend>(
     image: &RgbImage,
     device: &B::Device,
     dtype: DType,
@@ -37,7 +37,7 @@ pub fn image_to_tensor<B: Backend>(
 ///
 /// # Shapes
 /// `n` images of `height x width` -> `[n, 3, height, width]`
-pub fn images_to_tensor<B: Backend>(
+pub fn images_to_tensor<B: ZBackend>(
     images: &[RgbImage],
     device: &B::Device,
     dtype: DType,
@@ -67,7 +67,7 @@ pub fn images_to_tensor<B: Backend>(
 ///
 /// # Shapes
 /// `[batch, 3, height, width]` -> `batch` images of `height x width`
-pub fn tensor_to_images<B: Backend>(images: Tensor<B, 4>) -> Result<Vec<RgbImage>, VaeError> {
+pub fn tensor_to_images<B: ZBackend>(images: Tensor<B, 4>) -> Result<Vec<RgbImage>, VaeError> {
     let [batch, channels, height, width] = images.dims();
     if channels != 3 {
         return Err(VaeError::Channels {

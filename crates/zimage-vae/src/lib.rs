@@ -17,7 +17,6 @@
 mod attention;
 pub mod checkpoint;
 mod config;
-mod conv;
 mod decoder;
 mod distribution;
 mod encoder;
@@ -25,7 +24,6 @@ mod error;
 mod image;
 mod mid_block;
 mod model;
-mod norm;
 mod resnet;
 mod sampling;
 mod tiling;
@@ -36,15 +34,17 @@ pub use ::image as image_crate;
 pub use attention::Attention;
 pub use checkpoint::{CheckpointFormat, Naming, ProjectionLayout};
 pub use config::{AutoencoderKLConfig, DOWN_BLOCK_TYPE, UP_BLOCK_TYPE};
-pub use conv::Conv2d;
 pub use decoder::{Decoder, UpDecoderBlock2D};
 pub use distribution::DiagonalGaussianDistribution;
 pub use encoder::{DownEncoderBlock2D, Encoder};
 pub use error::VaeError;
 pub use mid_block::UNetMidBlock2D;
 pub use model::AutoencoderKL;
-pub use norm::{silu, GroupNorm, GROUP_NORM_EPS};
+
+/// Every GroupNorm of the autoencoder uses this epsilon (`resnet_eps` and the `conv_norm_out`s).
+pub const GROUP_NORM_EPS: f64 = 1e-6;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{nearest_2x, Downsample2D, Upsample2D};
 pub use tiling::TilingConfig;
 pub use zimage_nn::AttentionImpl;
+pub use zimage_nn::{silu, Conv2d, GroupNorm};

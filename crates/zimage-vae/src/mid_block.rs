@@ -1,6 +1,5 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use zimage_nn::ZBackend;
 use zimage_nn::{AttentionImpl, CheckpointError, Weights};
 
 use crate::attention::Attention;
@@ -9,15 +8,15 @@ use crate::resnet::ResnetBlock2D;
 
 /// diffusers' `UNetMidBlock2D` with one layer: `resnets.0`, `attentions.0` (unless
 /// `mid_block_add_attention` is false), `resnets.1`, all at the same width.
-#[derive(Module, Debug)]
-pub struct UNetMidBlock2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct UNetMidBlock2D<B: ZBackend> {
     /// `resnets.0` and `resnets.1`.
     pub resnets: Vec<ResnetBlock2D<B>>,
     /// `attentions.0`.
     pub attention: Option<Attention<B>>,
 }
 
-impl<B: Backend> UNetMidBlock2D<B> {
+impl<B: ZBackend> UNetMidBlock2D<B> {
     pub fn load(
         w: &Weights<B>,
         channels: usize,

@@ -1,35 +1,32 @@
 use std::path::Path;
+use zimage_nn::ZBackend;
 
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
-use zimage_nn::{AttentionImpl, Checkpoint, CheckpointError, WeightMap, Weights};
+use zimage_nn::{AttentionImpl, Checkpoint, CheckpointError, Precision, WeightMap, Weights};
 
 use crate::checkpoint::{self, CheckpointFormat, ProjectionLayout};
-use crate::conv::Conv2d;
 use crate::decoder::Decoder;
 use crate::encoder::Encoder;
 use crate::sampling::Downsample2D;
 use crate::tiling::{tiled, TilingConfig};
 use crate::{AutoencoderKLConfig, DiagonalGaussianDistribution, VaeError};
+use zimage_nn::Conv2d;
 
 /// The Flux-style variational autoencoder (diffusers' `AutoencoderKL`): images in [-1, 1] to
 /// latents `2^(blocks - 1)` times smaller per side, and back.
-#[derive(Module, Debug)]
-pub struct AutoencoderKL<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct AutoencoderKL<B: ZBackend> {
     pub encoder: Encoder<B>,
     pub decoder: Decoder<B>,
     /// 1x1 conv on the moments, when `use_quant_conv`.
     pub quant_conv: Option<Conv2d<B>>,
     /// 1x1 conv on the latents, when `use_post_quant_conv`.
     pub post_quant_conv: Option<Conv2d<B>>,
-    #[module(skip)]
     config: AutoencoderKLConfig,
-    #[module(skip)]
     attention: AttentionImpl,
 }
 
-impl<B: Backend> AutoencoderKL<B> {
+impl<B: ZBackend> AutoencoderKL<B> {
     /// Builds the model through `w`; parameter paths are the diffusers checkpoint names.
     pub fn build(config: &AutoencoderKLConfig, w: &Weights<B>) -> Result<Self, CheckpointError> {
         Self::build_with_layout(config, w, ProjectionLayout::Linear)
@@ -59,17 +56,18 @@ impl<B: Backend> AutoencoderKL<B> {
     }
 
     /// Loads from a checkpoint in diffusers or BFL (`ae.safetensors`) naming (see
-    /// [`checkpoint`]). Every tensor is cast to `dtype`. A BFL file comes without a config: the
-    /// published Z-Image (FLUX.1) layout is [`AutoencoderKLConfig::z_image`].
+    /// [`checkpoint`]). A BFL file comes without a config: the
+    /// published Z-Image (FLUX.1) layout is [`AutoencoderKLConfig::z_image`]. Weight matrices
+    /// are held as `precision` says ([`Precision`]).
     pub fn load(
         config: &AutoencoderKLConfig,
         checkpoint: Checkpoint,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, VaeError> {
         config.validate()?;
         let format = checkpoint::detect(&checkpoint)?;
-        Self::load_format(config, checkpoint, &format, device, dtype)
+        Self::load_format(config, checkpoint, &format, device, precision)
     }
 
     /// [`AutoencoderKL::load`] with the naming given rather than detected.
@@ -78,13 +76,13 @@ impl<B: Backend> AutoencoderKL<B> {
         checkpoint: Checkpoint,
         format: &CheckpointFormat,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, VaeError> {
         config.validate()?;
         let map = WeightMap::new(checkpoint, |name, shape| {
             checkpoint::map_key(format, config, name, shape)
         });
-        Ok(zimage_nn::load_module(&map, device, dtype, |w| {
+        Ok(zimage_nn::load_module(&map, device, precision, |w| {
             Self::build_with_layout(config, w, format.attention)
         })?)
     }
@@ -93,21 +91,21 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn from_folder(
         folder: impl AsRef<Path>,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, VaeError> {
         let folder = folder.as_ref();
         let config = AutoencoderKLConfig::from_file(folder.join("config.json"))?;
-        Self::load(&config, Checkpoint::open(folder)?, device, dtype)
+        Self::load(&config, Checkpoint::open(folder)?, device, precision)
     }
 
     /// Random weights made on the device (benchmarks).
     pub fn random(
         config: &AutoencoderKLConfig,
         device: &B::Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
     ) -> Result<Self, VaeError> {
         config.validate()?;
-        Ok(Self::build(config, &Weights::random(device, dtype))?)
+        Ok(Self::build(config, &Weights::random(device, precision))?)
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {
@@ -120,9 +118,9 @@ impl<B: Backend> AutoencoderKL<B> {
         self
     }
 
-    /// The dtype of the weights; inputs are cast to it and outputs come in it.
+    /// The compute dtype; inputs are cast to it and outputs come in it.
     pub fn dtype(&self) -> DType {
-        self.encoder.conv_in.weight.val().dtype()
+        self.encoder.conv_in.bias.dtype()
     }
 
     /// Image pixels per latent pixel along each side.
@@ -315,7 +313,7 @@ impl<B: Backend> AutoencoderKL<B> {
             let pass = if decode { "decode" } else { "encode" };
             format!("the largest VAE activation of a {height}x{width} {pass}")
         };
-        let device = self.encoder.conv_in.weight.val().device();
+        let device = self.encoder.conv_in.bias.device();
         zimage_nn::device::check_fits::<B>(&device, what, &shape, self.dtype())?;
         Ok(())
     }

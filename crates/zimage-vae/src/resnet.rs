@@ -1,15 +1,16 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use zimage_nn::ZBackend;
 use zimage_nn::{CheckpointError, Weights};
 
-use crate::conv::Conv2d;
-use crate::norm::{GroupNorm, GROUP_NORM_EPS};
+use zimage_nn::Conv2d;
+use zimage_nn::GroupNorm;
+
+use crate::GROUP_NORM_EPS;
 
 /// diffusers' `ResnetBlock2D` as the autoencoder builds it: no time embedding, dropout 0,
 /// output scale 1.
-#[derive(Module, Debug)]
-pub struct ResnetBlock2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D<B: ZBackend> {
     pub norm1: GroupNorm<B>,
     pub conv1: Conv2d<B>,
     pub norm2: GroupNorm<B>,
@@ -18,7 +19,7 @@ pub struct ResnetBlock2D<B: Backend> {
     pub conv_shortcut: Option<Conv2d<B>>,
 }
 
-impl<B: Backend> ResnetBlock2D<B> {
+impl<B: ZBackend> ResnetBlock2D<B> {
     pub fn load(
         w: &Weights<B>,
         in_channels: usize,

@@ -1,20 +1,16 @@
-use burn::module::Module;
-use burn::tensor::backend::Backend;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::PaddedConvOptions;
+use burn::tensor::ops::PadMode;
 use burn::tensor::Tensor;
-use zimage_nn::{CheckpointError, Weights};
-
-use crate::conv::Conv2d;
+use zimage_nn::ZBackend;
+use zimage_nn::{CheckpointError, Conv2d, Weights};
 
 /// diffusers' `Downsample2D` with `padding=0`: zero-pad one column on the right and one row at
 /// the bottom, then a 3x3 conv with stride 2 (`conv`). Odd sizes round down, as in PyTorch.
-#[derive(Module, Debug)]
-pub struct Downsample2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Downsample2D<B: ZBackend> {
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Downsample2D<B> {
+impl<B: ZBackend> Downsample2D<B> {
     pub fn load(w: &Weights<B>, channels: usize) -> Result<Self, CheckpointError> {
         Ok(Self {
             conv: Conv2d::load(&w.pp("conv"), channels, channels, 3, 2, 0)?,
@@ -30,24 +26,19 @@ impl<B: Backend> Downsample2D<B> {
     /// `[batch, channels, height, width]` -> `[batch, channels, height / 2, width / 2]`
     /// (both sides at least 2)
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        // padding (top, left) = 0, (bottom, right) = 1
-        let options = PaddedConvOptions::asymmetric([2, 2], [0, 0], [1, 1], [1, 1], 1);
-        conv2d(
-            x,
-            self.conv.weight.val(),
-            Some(self.conv.bias.val()),
-            options,
-        )
+        // padding (left, right, top, bottom) = (0, 1, 0, 1), then the unpadded stride-2 conv.
+        self.conv
+            .forward(x.pad((0, 1, 0, 1), PadMode::Constant(0.0)))
     }
 }
 
 /// diffusers' `Upsample2D` with a conv: nearest-neighbour x2, then a 3x3 conv (`conv`).
-#[derive(Module, Debug)]
-pub struct Upsample2D<B: Backend> {
+#[derive(Debug, Clone)]
+pub struct Upsample2D<B: ZBackend> {
     pub conv: Conv2d<B>,
 }
 
-impl<B: Backend> Upsample2D<B> {
+impl<B: ZBackend> Upsample2D<B> {
     pub fn load(w: &Weights<B>, channels: usize) -> Result<Self, CheckpointError> {
         Ok(Self {
             conv: Conv2d::load_3x3(&w.pp("conv"), channels, channels)?,
@@ -67,7 +58,7 @@ impl<B: Backend> Upsample2D<B> {
 ///
 /// # Shapes
 /// `[batch, channels, height, width]` -> `[batch, channels, 2 height, 2 width]`
-pub fn nearest_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn nearest_2x<B: ZBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [batch, channels, height, width] = x.dims();
     x.reshape([batch, channels, height, 1, width, 1])
         .expand([batch, channels, height, 2, width, 2])

@@ -6,8 +6,8 @@
 //! to the left over `blend_extent` rows/columns before being cropped to `row_limit`. Only one row
 //! of output tiles is kept at a time besides the result.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use zimage_nn::ZBackend;
 
 use crate::{AutoencoderKLConfig, VaeError};
 
@@ -106,7 +106,7 @@ pub(crate) struct TilePlan {
 ///
 /// # Shapes
 /// `x`: `[batch, channels, height, width]`; `run` maps a tile to `[batch, channels', h', w']`.
-pub(crate) fn tiled<B: Backend>(
+pub(crate) fn tiled<B: ZBackend>(
     x: Tensor<B, 4>,
     plan: TilePlan,
     mut run: impl FnMut(Tensor<B, 4>) -> Result<Tensor<B, 4>, VaeError>,
@@ -148,7 +148,7 @@ pub(crate) fn tiled<B: Backend>(
 
 /// The weights of row `y` of a blend over `extent` rows: `(1 - y / extent, y / extent)`,
 /// computed in f64 and rounded to f32 as PyTorch does with Python floats.
-fn blend_weights<B: Backend>(extent: usize, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
+fn blend_weights<B: ZBackend>(extent: usize, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let ramp = |f: fn(f64) -> f64| -> Tensor<B, 1> {
         let values: Vec<f32> = (0..extent)
             .map(|y| f(y as f64 / extent as f64) as f32)
@@ -159,18 +159,23 @@ fn blend_weights<B: Backend>(extent: usize, device: &B::Device) -> (Tensor<B, 1>
 }
 
 /// Blends the bottom rows of `a` into the top rows of `b` (diffusers' `blend_v`).
-fn blend_v<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize) -> Tensor<B, 4> {
+fn blend_v<B: ZBackend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize) -> Tensor<B, 4> {
     blend(a, b, extent, 2)
 }
 
 /// Blends the right columns of `a` into the left columns of `b` (diffusers' `blend_h`).
-fn blend_h<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize) -> Tensor<B, 4> {
+fn blend_h<B: ZBackend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize) -> Tensor<B, 4> {
     blend(a, b, extent, 3)
 }
 
 /// `b[.., i] = a[.., end - extent + i] * (1 - i / extent) + b[.., i] * (i / extent)` along `dim`
 /// for `i < extent`, with `extent` clipped to both sides. In f32 whatever the dtype.
-fn blend<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize, dim: usize) -> Tensor<B, 4> {
+fn blend<B: ZBackend>(
+    a: &Tensor<B, 4>,
+    b: Tensor<B, 4>,
+    extent: usize,
+    dim: usize,
+) -> Tensor<B, 4> {
     let a_len = a.dims()[dim];
     let extent = extent.min(a_len).min(b.dims()[dim]);
     if extent == 0 {

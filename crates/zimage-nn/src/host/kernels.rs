@@ -7,12 +7,6 @@
 
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
 /// Rows handed to one task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
 
@@ -38,7 +32,7 @@ macro_rules! vectorized {
                     // SAFETY: the CPU has the features `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if has_avx2() {
+                if super::gemm::has_avx2() {
                     // SAFETY: as above, for `avx2`.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -327,6 +321,44 @@ vectorized! {
             *v *= inv;
         }
     }
+}
+
+/// Rotary embedding in place on `[batch, tokens, heads, head_dim]` values: each token's heads
+/// turn by that token's `pairs` angles (`cos`/`sin` rows of `[items, tokens, pairs]`, `items`
+/// 1 when the batch shares them). `halves`: the pairs are `(x[j], x[j + d/2])` (Qwen3's
+/// `rotate_half`), else `(x[2j], x[2j + 1])` (the DiT).
+pub fn rotate(
+    x: &mut [f32],
+    [tokens, heads, head_dim]: [usize; 3],
+    [cos, sin]: [&[f32]; 2],
+    items: usize,
+    halves: bool,
+) {
+    let pairs = head_dim / 2;
+    x.par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .for_each(|(row, values)| {
+            let t = if items == 1 { row % tokens } else { row };
+            let cos = &cos[t * pairs..(t + 1) * pairs];
+            let sin = &sin[t * pairs..(t + 1) * pairs];
+            for head in values.chunks_mut(head_dim) {
+                if halves {
+                    let (first, second) = head.split_at_mut(pairs);
+                    for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+                        let (x1, x2) = (*a, *b);
+                        // transformers: x * cos + rotate_half(x) * sin, two roundings per term.
+                        *a = x1 * c + -x2 * s;
+                        *b = x2 * c + x1 * s;
+                    }
+                } else {
+                    for ((pair, &c), &s) in head.chunks_mut(2).zip(cos).zip(sin) {
+                        let (re, im) = (pair[0], pair[1]);
+                        pair[0] = re * c - im * s;
+                        pair[1] = re * s + im * c;
+                    }
+                }
+            }
+        });
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Bad input to the tokenizer and the text encoder gets a typed error, never a panic.
 
-mod common;
+use zimage_test_support as common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! diffusers and BFL (`ae.safetensors`) naming (`tests/fixtures/vae/published_names.json`, whose
 //! BFL names the fixture script checks against diffusers' `convert_ldm_vae_checkpoint`).
 
-mod common;
+use zimage_test_support as common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,19 +2,34 @@
 //! with artificial limits: loading refuses a weight by name, a forward pass refuses its largest
 //! activation, and the VAE finds a tiling that fits.
 //!
-//! One test function: the limit is process-wide state, and the other test binaries must not see it.
+//! The limit is process-wide state keyed by backend type and device: this test runs its own
+//! backend type (`NdArray<f32, i32>`), so the other tests of this binary, on `NdArray<f32>`,
+//! never see its limits.
 
-mod common;
+use zimage_test_support as common;
 
+use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
-use common::{fixtures, Case, B};
-use zimage_nn::device::set_max_tensor_bytes;
+use common::{fixtures, Case};
+use zimage_nn::device::{clear_max_tensor_bytes, set_max_tensor_bytes};
 use zimage_nn::CheckpointError;
 use zimage_transformer::{TransformerError, ZImageTransformer2DModel};
 use zimage_vae::{AutoencoderKL, VaeError};
 
+type B = NdArray<f32, i32>;
+
+/// Clears the limits when the test ends, passed or failed.
+struct ClearLimits;
+
+impl Drop for ClearLimits {
+    fn drop(&mut self) {
+        clear_max_tensor_bytes::<B>(&Default::default());
+    }
+}
+
 #[test]
 fn limits_are_enforced_by_loaders_and_passes() {
+    let _clear = ClearLimits;
     let device = Default::default();
     let transformer_dir = fixtures().join("transformer/a");
 
@@ -35,7 +50,7 @@ fn limits_are_enforced_by_loaders_and_passes() {
         ),
         "{text}"
     );
-    assert!(text.contains("1 KiB") && text.contains("weight"), "{text}");
+    assert!(text.contains("1 KiB") && text.contains("t_embedder.mlp.0."), "{text}");
 
     // Forward: loaded without a limit, then run under one that its activations exceed.
     set_max_tensor_bytes::<B>(&device, u64::MAX);
@@ -46,8 +61,8 @@ fn limits_are_enforced_by_loaders_and_passes() {
     )
     .expect("load");
     let case = Case::open(transformer_dir.join("cases/batch1.safetensors"));
-    let latent: Tensor<B, 4> = case.tensor("latent.0", &device);
-    let caption: Tensor<B, 2> = case.tensor("caption.0", &device);
+    let latent: Tensor<B, 4> = case.tensor_on::<B, 4>("latent.0", &device);
+    let caption: Tensor<B, 2> = case.tensor_on::<B, 2>("caption.0", &device);
     let (t, _) = case.values("timesteps");
     model
         .forward(&[latent.clone()], &t, &[caption.clone()])
@@ -66,7 +81,7 @@ fn limits_are_enforced_by_loaders_and_passes() {
     let vae =
         AutoencoderKL::<B>::from_folder(vae_dir.join("vae"), &device, DType::F32).expect("load");
     let case = Case::open(vae_dir.join("cases/square.safetensors"));
-    let latents: Tensor<B, 4> = case.tensor("latents", &device);
+    let latents: Tensor<B, 4> = case.tensor_on::<B, 4>("latents", &device);
     let [batch, _, h, w] = latents.dims();
     let f = vae.downscale_factor();
     assert_eq!(
@@ -91,7 +106,7 @@ fn limits_are_enforced_by_loaders_and_passes() {
     assert_eq!(decoded.dims(), [batch, 3, h * f, w * f]);
     // The encoder is checked the same way.
     assert!(matches!(
-        vae.encode(case.tensor("image", &device)),
+        vae.encode(case.tensor_on::<B, 4>("image", &device)),
         Err(VaeError::TooLarge(_))
     ));
     // Nothing fits in 16 bytes.
@@ -100,5 +115,4 @@ fn limits_are_enforced_by_loaders_and_passes() {
         vae.tiling_to_fit(batch, h * f, w * f, true),
         Err(VaeError::TooLarge(_))
     ));
-    set_max_tensor_bytes::<B>(&device, u64::MAX);
 }

@@ -1,9 +1,8 @@
 //! The Qwen3 tokenizer and text encoder against transformers 5.24 and diffusers 0.42.1
 //! (`tests/fixtures/make_qwen3_tokenizer.py`, `tests/fixtures/make_text_fixtures.py`).
 
-mod common;
+use zimage_test_support as common;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -33,12 +32,7 @@ fn tokenizer_folder() -> &'static PathBuf {
     FOLDER.get_or_init(|| {
         let folder = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("text_parity_tokenizer");
         std::fs::create_dir_all(&folder).expect("scratch dir");
-        let gz =
-            std::fs::read(text_fixtures().join("tokenizer/tokenizer.json.gz")).expect("fixture");
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_end(&mut json)
-            .expect("gzip");
+        let json = zimage_text::qwen3_tokenizer_json().expect("built-in tokenizer");
         std::fs::write(folder.join("tokenizer.json"), json).expect("write tokenizer.json");
         folder
     })
@@ -180,10 +174,12 @@ fn load(config: &str) -> Qwen3TextEncoder<B> {
 
 #[test]
 fn f32_matches_transformers() {
+    // With the host kernels (the CPU's) and without them (the generic path GPUs run).
+    common::on_both_paths(|path| {
     for (config, cases) in CASES {
         let model = load(config);
         let (rel, max) = run_cases(config, &model, cases, "features");
-        println!("config {config}: worst rel L2 {rel:.3e}, max abs {max:.3e}");
+        println!("{path:?} config {config}: worst rel L2 {rel:.3e}, max abs {max:.3e}");
         assert!(
             rel <= REL_L2 && max <= MAX_ABS,
             "config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
@@ -195,6 +191,7 @@ fn f32_matches_transformers() {
             "config {config}: rel L2 {rel64:.3e} against f64"
         );
     }
+    });
 }
 
 #[test]

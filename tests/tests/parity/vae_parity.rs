@@ -1,7 +1,7 @@
 //! AutoencoderKL against diffusers 0.42.1 on tiny random models
 //! (`tests/fixtures/make_vae_fixtures.py`, described in `tests/fixtures/vae/README.md`).
 
-mod common;
+use zimage_test_support as common;
 
 use std::path::PathBuf;
 
@@ -103,6 +103,8 @@ fn tiling_of(c: &Case) -> TilingConfig {
 
 #[test]
 fn f32_matches_diffusers() {
+    // With the host kernels (the CPU's) and without them (the generic path GPUs run).
+    common::on_both_paths(|path| {
     let mut all = Worst::default();
     for (config, cases) in CASES {
         let model = load(config, "vae");
@@ -112,20 +114,21 @@ fn f32_matches_diffusers() {
             worst = Worst(worst.0.max(w.0), worst.1.max(w.1));
         }
         println!(
-            "config {config}: worst rel L2 {:.3e}, max abs {:.3e}",
+            "{path:?} config {config}: worst rel L2 {:.3e}, max abs {:.3e}",
             worst.0, worst.1
         );
         assert!(
             worst.0 <= UNTILED_REL,
-            "config {config}: rel L2 {:.3e}",
+            "{path:?} config {config}: rel L2 {:.3e}",
             worst.0
         );
         all = Worst(all.0.max(worst.0), all.1.max(worst.1));
     }
     println!(
-        "untiled, all configs: worst rel L2 {:.3e}, max abs {:.3e}",
+        "{path:?} untiled, all configs: worst rel L2 {:.3e}, max abs {:.3e}",
         all.0, all.1
     );
+    });
 }
 
 #[test]

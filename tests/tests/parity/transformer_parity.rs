@@ -1,7 +1,7 @@
 //! ZImageTransformer2DModel against diffusers 0.42.1 on tiny random models
 //! (`tests/fixtures/make_transformer_fixtures.py`).
 
-mod common;
+use zimage_test_support as common;
 
 use std::path::Path;
 
@@ -83,6 +83,8 @@ fn run_cases(
 
 #[test]
 fn f32_matches_diffusers() {
+    // With the host kernels (the CPU's) and without them (the generic path GPUs run).
+    common::on_both_paths(|path| {
     let device = Default::default();
     for (config, cases) in CASES {
         let model = ZImageTransformer2DModel::<B>::from_folder(
@@ -92,11 +94,13 @@ fn f32_matches_diffusers() {
         )
         .expect("load");
         let (rel, max) = run_cases(config, &model, "out", cases);
+        println!("{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}");
         assert!(
             rel <= 1e-5 && max <= 1e-4,
-            "config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
+            "{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
         );
     }
+    });
 }
 
 #[test]
@@ -106,7 +110,7 @@ fn every_attention_path_matches() {
     for imp in [
         AttentionImpl::Backend,
         AttentionImpl::Reference,
-        AttentionImpl::Host,
+        AttentionImpl::Auto,
     ] {
         let model = ZImageTransformer2DModel::<B>::from_folder(
             folder("a").join("transformer"),
@@ -150,6 +154,7 @@ fn bf16_checkpoint_loads_into_f32() {
 
 #[test]
 fn original_single_file_matches() {
+    common::on_both_paths(|path| {
     let device = Default::default();
     let dir = folder("a");
     let config =
@@ -161,8 +166,9 @@ fn original_single_file_matches() {
     let (rel, max) = run_cases("a", &model, "out_bf16w", &["batch1", "mixed_sizes"]);
     assert!(
         rel <= 1e-5 && max <= 1e-4,
-        "rel L2 {rel:.3e}, max abs {max:.3e}"
+        "{path:?}: rel L2 {rel:.3e}, max abs {max:.3e}"
     );
+    });
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The torch-compatible CPU generator against recorded `torch.randn` outputs
 //! (`tests/fixtures/make_rng_fixtures.py`).
 
-mod common;
+use zimage_test_support as common;
 
 use common::fixtures;
 use half::bf16;

@@ -1,4 +1,4 @@
-//! A tiny Hugging Face Hub on 127.0.0.1 for the download tests: HTTP/1.1, one request per
+//! A tiny Hugging Face Hub on 127.0.0.1 for the download and command tests: HTTP/1.1, one request per
 //! connection, the Hub's URL layout and headers.
 //!
 //! - `HEAD|GET /{owner}/{name}/resolve/{revision}/{path}`: `.safetensors` files are LFS files:
@@ -6,6 +6,7 @@
 //!   other files answer `200` with `ETag` (a 40-hex git-style id), `Content-Length`,
 //!   `X-Repo-Commit`. Missing repo/revision/file: `404` with the Hub's `X-Error-Code`.
 //! - `HEAD|GET /cdn/{owner}/{name}/{commit}/{path}`: the bytes, honouring `Range: bytes=N-`.
+//! - `GET /api/models/{owner}/{name}/revision/{revision}`: the repo info (`sha`, `siblings`).
 //! - Faults: a token requirement (401 without it), a disconnect after N body bytes for one
 //!   file, a corrupted body for one file.
 
@@ -197,6 +198,26 @@ fn route(state: &mut State, req: &Seen, base: &str) -> Reply {
     }
     let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
+        ["api", "models", owner, name, "revision", revision] => {
+            let repo = format!("{owner}/{name}");
+            let Some(files) = state.repos.get(&repo) else {
+                return Reply::not_found("RepoNotFound");
+            };
+            if *revision != "main" && *revision != COMMIT {
+                return Reply::not_found("RevisionNotFound");
+            }
+            let siblings: Vec<String> = files
+                .keys()
+                .map(|path| format!("{{\"rfilename\": \"{path}\"}}"))
+                .collect();
+            let mut reply = Reply::new(200).header("Content-Type", "application/json");
+            reply.body = format!(
+                "{{\"id\": \"{repo}\", \"sha\": \"{COMMIT}\", \"siblings\": [{}]}}",
+                siblings.join(", ")
+            )
+            .into_bytes();
+            reply
+        }
         ["cdn", owner, name, commit, rest @ ..] => {
             let repo = format!("{owner}/{name}");
             let path = rest.join("/");

@@ -1,7 +1,7 @@
 //! The transformer's checkpoint mapping against the published checkpoint's tensor list
 //! (spec §1.2), and a typed error for every kind of bad input.
 
-mod common;
+use zimage_test_support as common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -102,16 +102,9 @@ fn original_comfyui_names_map_onto_the_published_tensors() {
     // Build the original-format list from the published one, as ComfyUI stores it.
     let mut original: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (name, shape) in &published {
-        let renamed = name
-            .replace("all_final_layer.2-1.", "final_layer.")
-            .replace("all_x_embedder.2-1.", "x_embedder.")
-            .replace(".attention.to_out.0.", ".attention.out.")
-            .replace(".attention.norm_q.", ".attention.q_norm.")
-            .replace(".attention.norm_k.", ".attention.k_norm.");
-        if renamed.contains(".attention.to_k.") || renamed.contains(".attention.to_v.") {
+        let Some(renamed) = zimage_transformer::checkpoint::original_name(&config, name) else {
             continue;
-        }
-        let renamed = renamed.replace(".attention.to_q.weight", ".attention.qkv.weight");
+        };
         let shape = if renamed.ends_with("qkv.weight") {
             vec![3 * 3840, 3840]
         } else {
