@@ -722,7 +722,8 @@ mod tests {
         tiny_model(&base);
         let reference = Checkpoint::open(base.join("transformer")).unwrap();
         let comfy = dir.path().join("z_image_turbo.safetensors");
-        let config = ZImageTransformerConfig::from_file(base.join("transformer/config.json")).unwrap();
+        let config =
+            ZImageTransformerConfig::from_file(base.join("transformer/config.json")).unwrap();
         write_comfy_transformer(&config, &reference, &comfy);
 
         // A text encoder without the `model.` prefix and with an LM head.

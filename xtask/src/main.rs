@@ -132,7 +132,11 @@ fn main() -> Result<()> {
             only,
         } => {
             let parts = if only.is_empty() {
-                vec![synth::Part::Transformer, synth::Part::TextEncoder, synth::Part::Vae]
+                vec![
+                    synth::Part::Transformer,
+                    synth::Part::TextEncoder,
+                    synth::Part::Vae,
+                ]
             } else {
                 only
             };

@@ -175,9 +175,12 @@ pub fn synth_checkpoint(
                     |i, w| fill(&tensors[i], dtype, w),
                 )?);
             }
-            Layout::Comfy => {
-                records.extend(single("split_files/text_encoders", "qwen_3_4b", &tensors, dtype)?)
-            }
+            Layout::Comfy => records.extend(single(
+                "split_files/text_encoders",
+                "qwen_3_4b",
+                &tensors,
+                dtype,
+            )?),
         }
     }
     if parts.contains(&Part::Vae) {
@@ -216,7 +219,10 @@ fn transformer_tensors() -> Result<Vec<OutTensor>> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    eprintln!("transformer: {} tensors, {params} parameters", expected.len());
+    eprintln!(
+        "transformer: {} tensors, {params} parameters",
+        expected.len()
+    );
     ensure!(
         expected.len() == 521,
         "expected the 521 tensors of spec §1.2"
@@ -250,7 +256,11 @@ fn text_encoder_tensors() -> Result<Vec<OutTensor>> {
         name: "model.norm.weight".into(),
         shape: vec![config.hidden_size],
     });
-    ensure!(tensors.len() == 398, "expected Qwen3-4B's 398 tensors, made {}", tensors.len());
+    ensure!(
+        tensors.len() == 398,
+        "expected Qwen3-4B's 398 tensors, made {}",
+        tensors.len()
+    );
     Ok(tensors)
 }
 
@@ -258,10 +268,13 @@ fn text_encoder_tensors() -> Result<Vec<OutTensor>> {
 fn vae_tensors() -> Result<Vec<OutTensor>> {
     let config = zimage_vae::AutoencoderKLConfig::z_image();
     let device = Default::default();
-    let expected = expected_tensors::<NdArray, _>(&device, |w| {
-        zimage_vae::AutoencoderKL::build(&config, w)
-    })?;
-    ensure!(expected.len() == 244, "expected the VAE's 244 tensors, made {}", expected.len());
+    let expected =
+        expected_tensors::<NdArray, _>(&device, |w| zimage_vae::AutoencoderKL::build(&config, w))?;
+    ensure!(
+        expected.len() == 244,
+        "expected the VAE's 244 tensors, made {}",
+        expected.len()
+    );
     Ok(expected
         .into_iter()
         .map(|(name, shape)| OutTensor { name, shape })
@@ -296,8 +309,10 @@ fn bfl_names(tensors: &[OutTensor]) -> Result<Vec<OutTensor>> {
         attention: ProjectionLayout::Conv1x1,
     };
     let blocks = zimage_vae::AutoencoderKLConfig::z_image().num_blocks();
-    let by_name: std::collections::HashMap<&str, &Vec<usize>> =
-        tensors.iter().map(|t| (t.name.as_str(), &t.shape)).collect();
+    let by_name: std::collections::HashMap<&str, &Vec<usize>> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), &t.shape))
+        .collect();
     let mut layers: Vec<String> = Vec::new();
     for side in ["encoder", "decoder"] {
         for l in ["conv_in", "conv_out", "norm_out"] {

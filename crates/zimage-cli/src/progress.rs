@@ -3,8 +3,8 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use zimage_nn::ZBackend;
 use indicatif::{ProgressBar, ProgressStyle};
+use zimage_nn::ZBackend;
 use zimage_pipeline::{Event, Stage};
 
 /// A spinner per stage and a bar over the denoising steps, on stderr, and one line with the time

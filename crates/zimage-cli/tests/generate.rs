@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::fixtures;
-use common::pipeline::{MIN_PSNR_DB, cases, load_png, model_folder, psnr};
+use common::pipeline::{cases, load_png, model_folder, psnr, MIN_PSNR_DB};
 
 fn zimage(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_zimage"))
@@ -271,13 +271,44 @@ fn bad_arguments_get_one_line() {
 /// A pass that fails ends `zimage bench` with its error instead of being timed as a fast pass.
 #[test]
 fn bench_reports_a_failing_pass() {
-    let run = zimage(&["bench", "--backend", "ndarray", "--shapes", "tiny", "--only", "dit", "--runs", "1", "--warmup", "0", "--sizes", "24"]);
+    let run = zimage(&[
+        "bench",
+        "--backend",
+        "ndarray",
+        "--shapes",
+        "tiny",
+        "--only",
+        "dit",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--sizes",
+        "24",
+    ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(!run.status.success(), "{stdout}{stderr}");
     assert!(stderr.contains("multiple of the patch size"), "{stderr}");
-    assert!(!stdout.contains("median"), "a failed pass was timed: {stdout}");
+    assert!(
+        !stdout.contains("median"),
+        "a failed pass was timed: {stdout}"
+    );
     // The same bench at a valid size times it.
-    let run = zimage(&["bench", "--backend", "ndarray", "--shapes", "tiny", "--only", "dit", "--runs", "1", "--warmup", "0", "--sizes", "32"]);
+    let run = zimage(&[
+        "bench",
+        "--backend",
+        "ndarray",
+        "--shapes",
+        "tiny",
+        "--only",
+        "dit",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--sizes",
+        "32",
+    ]);
     assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("median"));
 }

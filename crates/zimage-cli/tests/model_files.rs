@@ -12,14 +12,20 @@ use zimage_test_support::{
     comfy_transformer, fixtures, read_checkpoint, scratch, write_safetensors, NamedTensor,
 };
 
-
 /// The t2i_turbo case (64x64, 8 steps, seed 42) with `args` before it.
 fn generate(args: &[&str], output: &Path, envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_zimage"));
     cmd.arg("generate")
         .args(args)
-        .args(["--backend", "ndarray", "-p", "a cat holding a sign that says hello world"])
-        .args(["--width", "64", "--height", "64", "--steps", "8", "--seed", "42"])
+        .args([
+            "--backend",
+            "ndarray",
+            "-p",
+            "a cat holding a sign that says hello world",
+        ])
+        .args([
+            "--width", "64", "--height", "64", "--steps", "8", "--seed", "42",
+        ])
         .arg("--output")
         .arg(output)
         .env_remove("HF_TOKEN")
@@ -60,7 +66,10 @@ fn single_files(dir: &Path, embed_configs: bool) -> [PathBuf; 3] {
     write_safetensors(
         &transformer,
         &comfy_transformer(
-            &zimage_transformer::ZImageTransformerConfig::from_file(folder.join("transformer/config.json")).unwrap(),
+            &zimage_transformer::ZImageTransformerConfig::from_file(
+                folder.join("transformer/config.json"),
+            )
+            .unwrap(),
             &read_checkpoint(&folder.join("transformer")),
         ),
         config("transformer"),
@@ -92,7 +101,11 @@ fn decoy_folder(dir: &Path, component: &str) -> PathBuf {
             std::fs::remove_file(path).unwrap();
         }
     }
-    let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
+    let stem = if component == "text_encoder" {
+        "model"
+    } else {
+        "diffusion_pytorch_model"
+    };
     write_safetensors(&weights.join(format!("{stem}.safetensors")), &zeroed, None);
     folder
 }
@@ -121,11 +134,20 @@ fn each_single_file_replaces_its_folders_weights() {
     }
     // A missing file is named, before anything loads.
     let run = generate(
-        &["--model", &model_folder().display().to_string(), "--vae", "/nonexistent/ae.safetensors"],
+        &[
+            "--model",
+            &model_folder().display().to_string(),
+            "--vae",
+            "/nonexistent/ae.safetensors",
+        ],
         &dir.join("x.png"),
         &[],
     );
-    assert!(!run.status.success() && stderr(&run).contains("/nonexistent/ae.safetensors"), "{}", stderr(&run));
+    assert!(
+        !run.status.success() && stderr(&run).contains("/nonexistent/ae.safetensors"),
+        "{}",
+        stderr(&run)
+    );
 }
 
 #[test]
@@ -162,7 +184,10 @@ fn three_single_files_are_a_model() {
     let run = generate(&a, &bare.join("x.png"), &[]);
     let text = stderr(&run);
     assert!(!run.status.success(), "{text}");
-    assert!(text.contains("not the published Qwen3-4B") && text.contains(&te.display().to_string()), "{text}");
+    assert!(
+        text.contains("not the published Qwen3-4B") && text.contains(&te.display().to_string()),
+        "{text}"
+    );
     assert!(!text.contains("panicked"), "{text}");
 }
 
@@ -178,7 +203,10 @@ fn comfyui_layout_on_the_hub_downloads_three_files() {
         ("vae", &files[2]),
     ] {
         let name = file.file_name().unwrap().to_string_lossy();
-        repo.insert(format!("split_files/{folder}/{name}"), std::fs::read(file).unwrap());
+        repo.insert(
+            format!("split_files/{folder}/{name}"),
+            std::fs::read(file).unwrap(),
+        );
     }
     repo.insert("README.md".into(), b"ComfyUI repack".to_vec());
     hub.add_repo("tiny-org/z_image_tiny", repo);
@@ -187,12 +215,19 @@ fn comfyui_layout_on_the_hub_downloads_three_files() {
     let run = generate(
         &["--model", "tiny-org/z_image_tiny", "-q"],
         &out,
-        &[("HF_HOME", home.to_str().unwrap()), ("HF_ENDPOINT", &hub.url)],
+        &[
+            ("HF_HOME", home.to_str().unwrap()),
+            ("HF_ENDPOINT", &hub.url),
+        ],
     );
     let db = image_psnr(&run, &out);
     println!("ComfyUI layout from the Hub: PSNR {db:.1} dB");
     assert!(db >= MIN_PSNR_DB);
-    let downloads = hub.seen().into_iter().filter(|s| s.method == "GET" && s.path.starts_with("/cdn/")).count();
+    let downloads = hub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.starts_with("/cdn/"))
+        .count();
     assert_eq!(downloads, 3);
 }
 
@@ -202,12 +237,14 @@ fn resaved_folder(dir: &Path, shift: f64, name: &str) -> PathBuf {
     let folder = dir.join(name);
     copy_dir(&model_folder(), &folder);
     let path = folder.join("transformer/config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["siglip_feat_dim"] = serde_json::Value::Null;
     config["_diffusers_version"] = "0.42.1".into();
     std::fs::write(&path, config.to_string()).unwrap();
     let path = folder.join("scheduler/scheduler_config.json");
-    let mut scheduler: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut scheduler: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     scheduler["shift"] = shift.into();
     std::fs::write(&path, scheduler.to_string()).unwrap();
     folder
@@ -222,23 +259,48 @@ fn turbo_or_base_is_chosen_right() {
     let base = resaved_folder(&dir, 6.0, "resaved-base");
     assert_eq!(ModelFiles::open(&base).unwrap().variant(), Variant::Base);
     // The published configs: Turbo's has no siglip_feat_dim, the base model's names it.
-    assert_eq!(ModelFiles::open(model_folder()).unwrap().variant(), Variant::Turbo);
+    assert_eq!(
+        ModelFiles::open(model_folder()).unwrap().variant(),
+        Variant::Turbo
+    );
 
     // The command says which, and --variant overrides it (base: 50 steps and guidance 4).
     let out = dir.join("turbo.png");
     let run = Command::new(env!("CARGO_BIN_EXE_zimage"))
         .args(["generate", "--backend", "ndarray", "--model"])
         .arg(&turbo)
-        .args(["-p", "a cat holding a sign that says hello world", "--width", "64", "--height", "64", "--seed", "42", "--output"])
+        .args([
+            "-p",
+            "a cat holding a sign that says hello world",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "42",
+            "--output",
+        ])
         .arg(&out)
         .output()
         .unwrap();
     let text = stderr(&run);
     assert!(run.status.success(), "{text}");
-    assert!(text.contains("Z-Image turbo") && text.contains("8 steps, guidance 0"), "{text}");
+    assert!(
+        text.contains("Z-Image turbo") && text.contains("8 steps, guidance 0"),
+        "{text}"
+    );
     assert!(psnr(&load_png(&out), &expected()) >= MIN_PSNR_DB);
     let run = Command::new(env!("CARGO_BIN_EXE_zimage"))
-        .args(["generate", "--backend", "ndarray", "--variant", "base", "--steps", "1", "--model"])
+        .args([
+            "generate",
+            "--backend",
+            "ndarray",
+            "--variant",
+            "base",
+            "--steps",
+            "1",
+            "--model",
+        ])
         .arg(&turbo)
         .args(["-p", "x", "--width", "32", "--height", "32", "--output"])
         .arg(dir.join("base.png"))
@@ -246,7 +308,10 @@ fn turbo_or_base_is_chosen_right() {
         .unwrap();
     let text = stderr(&run);
     assert!(run.status.success(), "{text}");
-    assert!(text.contains("Z-Image base (as asked)") && text.contains("guidance 4"), "{text}");
+    assert!(
+        text.contains("Z-Image base (as asked)") && text.contains("guidance 4"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -255,19 +320,40 @@ fn sizes_that_cannot_fit_are_refused_before_anything_loads() {
     let folder = model_folder().display().to_string();
     // Beyond the model's position table: a clear error, never an allocation abort.
     let run = Command::new(env!("CARGO_BIN_EXE_zimage"))
-        .args(["generate", "--backend", "ndarray", "-q", "--model", &folder, "-p", "x"])
+        .args([
+            "generate",
+            "--backend",
+            "ndarray",
+            "-q",
+            "--model",
+            &folder,
+            "-p",
+            "x",
+        ])
         .args(["--width", "65536", "--height", "65536", "--output"])
         .arg(dir.join("huge.png"))
         .output()
         .unwrap();
     let text = stderr(&run);
     assert!(!run.status.success(), "{text}");
-    assert!(text.contains("65536") && !text.contains("panicked") && !text.contains("memory allocation"), "{text}");
+    assert!(
+        text.contains("65536") && !text.contains("panicked") && !text.contains("memory allocation"),
+        "{text}"
+    );
     assert_eq!(text.trim_end().lines().count(), 1, "{text}");
 
     // Within it but beyond this machine's memory: the estimate refuses, naming the ways out.
     let run = Command::new(env!("CARGO_BIN_EXE_zimage"))
-        .args(["generate", "--backend", "ndarray", "-q", "--model", &folder, "-p", "x"])
+        .args([
+            "generate",
+            "--backend",
+            "ndarray",
+            "-q",
+            "--model",
+            &folder,
+            "-p",
+            "x",
+        ])
         .args(["--width", "1024", "--height", "1024", "--output"])
         .arg(dir.join("big.png"))
         .env("ZIMAGE_AVAILABLE_MEMORY", "1M")
@@ -275,7 +361,10 @@ fn sizes_that_cannot_fit_are_refused_before_anything_loads() {
         .unwrap();
     let text = stderr(&run);
     assert!(!run.status.success(), "{text}");
-    assert!(text.contains("needs about") && text.contains("--vae-tile") && text.contains("--force"), "{text}");
+    assert!(
+        text.contains("needs about") && text.contains("--vae-tile") && text.contains("--force"),
+        "{text}"
+    );
     assert!(!dir.join("big-0.png").exists() && !dir.join("big.png").exists());
 }
 
@@ -295,7 +384,12 @@ fn f32_weights_that_do_not_fit_are_held_in_bf16() {
     let tensors = read_checkpoint(&weights);
     for entry in std::fs::read_dir(&weights).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().contains(".safetensors") {
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .contains(".safetensors")
+        {
             std::fs::remove_file(path).unwrap();
         }
     }
@@ -308,9 +402,13 @@ fn f32_weights_that_do_not_fit_are_held_in_bf16() {
     let mut options = pipeline.options("a cat holding a sign that says hello world");
     (options.width, options.height) = (64, 64);
     let as_stored = pipeline.estimate_memory(&options).unwrap();
-    let pipeline = pipeline.with_precision(Precision::from(DType::F32).with_weights(Some(DType::BF16)));
+    let pipeline =
+        pipeline.with_precision(Precision::from(DType::F32).with_weights(Some(DType::BF16)));
     let narrowed = pipeline.estimate_memory(&options).unwrap();
-    assert!(narrowed.peak() < as_stored.peak(), "{narrowed:?} vs {as_stored:?}");
+    assert!(
+        narrowed.peak() < as_stored.peak(),
+        "{narrowed:?} vs {as_stored:?}"
+    );
     let (as_stored, narrowed) = (as_stored.peak(), narrowed.peak());
     let budget = ((as_stored + narrowed) / 2).to_string();
     let folder = folder.display().to_string();
@@ -327,15 +425,34 @@ fn f32_weights_that_do_not_fit_are_held_in_bf16() {
     assert!(db >= 30.0, "PSNR {db:.1} dB");
 
     // --weights-dtype f32 insists: refused with the figures, or run with --force.
-    let run = generate(&["--model", &folder, "--weights-dtype", "f32"], &dir.join("f32.png"), &env);
+    let run = generate(
+        &["--model", &folder, "--weights-dtype", "f32"],
+        &dir.join("f32.png"),
+        &env,
+    );
     let text = stderr(&run);
-    assert!(!run.status.success() && text.contains("needs about") && text.contains("--force"), "{text}");
+    assert!(
+        !run.status.success() && text.contains("needs about") && text.contains("--force"),
+        "{text}"
+    );
     let out = dir.join("forced.png");
-    let run = generate(&["--model", &folder, "--weights-dtype", "f32", "--force"], &out, &env);
+    let run = generate(
+        &["--model", &folder, "--weights-dtype", "f32", "--force"],
+        &out,
+        &env,
+    );
     assert!(image_psnr(&run, &out) >= MIN_PSNR_DB, "{}", stderr(&run));
     assert!(stderr(&run).contains("warning (--force)"));
 
     // A budget that is not a byte count is an error, not ignored.
-    let run = generate(&["--model", &folder], &dir.join("x.png"), &[("ZIMAGE_AVAILABLE_MEMORY", "lots")]);
-    assert!(!run.status.success() && stderr(&run).contains("ZIMAGE_AVAILABLE_MEMORY=lots"), "{}", stderr(&run));
+    let run = generate(
+        &["--model", &folder],
+        &dir.join("x.png"),
+        &[("ZIMAGE_AVAILABLE_MEMORY", "lots")],
+    );
+    assert!(
+        !run.status.success() && stderr(&run).contains("ZIMAGE_AVAILABLE_MEMORY=lots"),
+        "{}",
+        stderr(&run)
+    );
 }

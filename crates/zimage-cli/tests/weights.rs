@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::fixtures;
-use common::pipeline::{MIN_PSNR_DB, load_png, model_folder, psnr};
+use common::pipeline::{load_png, model_folder, psnr, MIN_PSNR_DB};
 
 use common::scratch;
 

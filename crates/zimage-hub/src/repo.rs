@@ -93,7 +93,10 @@ pub enum Resolved {
 pub fn comfy_files(paths: &[String], wanted: &[Component]) -> Option<Vec<(Component, String)>> {
     let rank = |name: &str| {
         let name = name.to_ascii_lowercase();
-        if ["fp8", "fp4", "int8", "int4", "nf4", "mxfp", "gguf"].iter().any(|q| name.contains(q)) {
+        if ["fp8", "fp4", "int8", "int4", "nf4", "mxfp", "gguf"]
+            .iter()
+            .any(|q| name.contains(q))
+        {
             3
         } else if name.contains("bf16") {
             0
@@ -219,7 +222,9 @@ impl HubRepo {
                     // Neither layout: say what a Z-Image repo holds.
                     HubError::NotFound { url, .. } => HubError::NotFound {
                         url,
-                        what: "model_index.json (diffusers layout) or split_files/ (ComfyUI layout)".into(),
+                        what:
+                            "model_index.json (diffusers layout) or split_files/ (ComfyUI layout)"
+                                .into(),
                     },
                     other => other,
                 }
@@ -306,7 +311,11 @@ impl HubRepo {
             .and_then(|s| s.as_array())
             .ok_or_else(|| malformed("file list"))?
             .iter()
-            .filter_map(|f| f.get("rfilename").and_then(|n| n.as_str()).map(str::to_string))
+            .filter_map(|f| {
+                f.get("rfilename")
+                    .and_then(|n| n.as_str())
+                    .map(str::to_string)
+            })
             .collect();
         Ok((commit, paths))
     }

@@ -2,16 +2,14 @@
 //! offline use, resume, corruption, missing repos and tokens. Nothing here touches the real
 //! network or the real ~/.cache.
 
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use zimage_test_support::fake_hub::{sha256_hex, FakeHub, Faults, COMMIT};
 use zimage_hub::{
-    resolve_model, resolve_model_with, Component, HubError, HubOptions, HubRepo, RepoSpec,
-    Resolved,
+    resolve_model, resolve_model_with, Component, HubError, HubOptions, HubRepo, RepoSpec, Resolved,
 };
+use zimage_test_support::fake_hub::{sha256_hex, FakeHub, Faults, COMMIT};
 
 const REPO: &str = "test-org/tiny-zimage";
 const SHARD: &str = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors";
@@ -418,11 +416,26 @@ fn comfyui_layout_downloads_only_the_three_files() {
     let file = |tag: &str| tag.as_bytes().repeat(100);
     let mut files = BTreeMap::new();
     for (path, bytes) in [
-        ("split_files/diffusion_models/z_image_turbo_bf16.safetensors", file("dit bf16")),
-        ("split_files/diffusion_models/z_image_turbo_fp8_e4m3fn.safetensors", file("dit fp8")),
-        ("split_files/diffusion_models/z_image_turbo.safetensors", file("dit f32")),
-        ("split_files/text_encoders/qwen_3_4b.safetensors", file("qwen3")),
-        ("split_files/text_encoders/qwen_3_4b_fp8_mixed.safetensors", file("qwen3 fp8")),
+        (
+            "split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+            file("dit bf16"),
+        ),
+        (
+            "split_files/diffusion_models/z_image_turbo_fp8_e4m3fn.safetensors",
+            file("dit fp8"),
+        ),
+        (
+            "split_files/diffusion_models/z_image_turbo.safetensors",
+            file("dit f32"),
+        ),
+        (
+            "split_files/text_encoders/qwen_3_4b.safetensors",
+            file("qwen3"),
+        ),
+        (
+            "split_files/text_encoders/qwen_3_4b_fp8_mixed.safetensors",
+            file("qwen3 fp8"),
+        ),
         ("split_files/vae/ae.safetensors", file("vae")),
         ("README.md", file("readme")),
     ] {
@@ -451,16 +464,24 @@ fn comfyui_layout_downloads_only_the_three_files() {
 
     // Only what is asked for: a transformer given as a file leaves two downloads.
     let partial = resolve_model_with(COMFY, &opts, &[Component::Vae]).unwrap();
-    assert!(matches!(&partial, Resolved::SingleFiles(f) if f.len() == 1 && f[0].0 == Component::Vae));
+    assert!(
+        matches!(&partial, Resolved::SingleFiles(f) if f.len() == 1 && f[0].0 == Component::Vae)
+    );
 
     // Again: nothing downloaded; offline: the cache alone.
     hub.clear_seen();
-    assert_eq!(resolve_model(COMFY, &opts).unwrap(), Resolved::SingleFiles(found.clone()));
+    assert_eq!(
+        resolve_model(COMFY, &opts).unwrap(),
+        Resolved::SingleFiles(found.clone())
+    );
     assert!(gets(&hub).iter().all(|s| !s.path.starts_with("/cdn/")));
     let mut offline = opts.clone();
     offline.offline = true;
     hub.clear_seen();
-    assert_eq!(resolve_model(COMFY, &offline).unwrap(), Resolved::SingleFiles(found.clone()));
+    assert_eq!(
+        resolve_model(COMFY, &offline).unwrap(),
+        Resolved::SingleFiles(found.clone())
+    );
     assert!(hub.seen().is_empty());
 
     // The snapshot folder, given as a path, is read the same way.
@@ -475,7 +496,10 @@ fn comfyui_layout_downloads_only_the_three_files() {
     assert_eq!(local.len(), 3);
 
     // A repo with neither layout says what a Z-Image repo holds.
-    hub.add_repo("test-org/empty", BTreeMap::from([("README.md".to_string(), file("x"))]));
+    hub.add_repo(
+        "test-org/empty",
+        BTreeMap::from([("README.md".to_string(), file("x"))]),
+    );
     let err = resolve_model("test-org/empty", &opts).unwrap_err();
     assert!(err.is_not_found(), "{err}");
     assert!(err.to_string().contains("split_files"), "{err}");

@@ -190,7 +190,11 @@ impl Precision {
             };
         }
         if let Some(weights) = self.weights {
-            return if supported(weights) { weights } else { self.compute };
+            return if supported(weights) {
+                weights
+            } else {
+                self.compute
+            };
         }
         match stored {
             Some(d) if d.size() < self.compute.size() && supported(d) => d,

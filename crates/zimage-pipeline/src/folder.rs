@@ -227,11 +227,22 @@ impl ModelFiles {
 
     /// The transformer's config: its folder's `config.json`, else the JSON a single file carries
     /// in its safetensors metadata (`config`), else the published Z-Image one.
-    pub fn transformer_config(&self) -> Result<(ZImageTransformerConfig, ConfigSource), PipelineError> {
+    pub fn transformer_config(
+        &self,
+    ) -> Result<(ZImageTransformerConfig, ConfigSource), PipelineError> {
         Ok(match config_source(self.transformer.as_ref())? {
-            ConfigSource::File(path) => (ZImageTransformerConfig::from_file(&path)?, ConfigSource::File(path)),
-            ConfigSource::Embedded(json) => (ZImageTransformerConfig::from_json(&json)?, ConfigSource::Embedded(json)),
-            ConfigSource::Published => (ZImageTransformerConfig::z_image_turbo(), ConfigSource::Published),
+            ConfigSource::File(path) => (
+                ZImageTransformerConfig::from_file(&path)?,
+                ConfigSource::File(path),
+            ),
+            ConfigSource::Embedded(json) => (
+                ZImageTransformerConfig::from_json(&json)?,
+                ConfigSource::Embedded(json),
+            ),
+            ConfigSource::Published => (
+                ZImageTransformerConfig::z_image_turbo(),
+                ConfigSource::Published,
+            ),
         })
     }
 
@@ -240,7 +251,9 @@ impl ModelFiles {
     pub fn text_encoder_config(&self) -> Result<(Qwen3Config, ConfigSource), PipelineError> {
         Ok(match config_source(self.text_encoder.as_ref())? {
             ConfigSource::File(path) => (Qwen3Config::from_file(&path)?, ConfigSource::File(path)),
-            ConfigSource::Embedded(json) => (Qwen3Config::from_json(&json)?, ConfigSource::Embedded(json)),
+            ConfigSource::Embedded(json) => {
+                (Qwen3Config::from_json(&json)?, ConfigSource::Embedded(json))
+            }
             ConfigSource::Published => (Qwen3Config::qwen3_4b(), ConfigSource::Published),
         })
     }
@@ -249,8 +262,14 @@ impl ModelFiles {
     /// published).
     pub fn vae_config(&self) -> Result<(AutoencoderKLConfig, ConfigSource), PipelineError> {
         Ok(match config_source(self.vae.as_ref())? {
-            ConfigSource::File(path) => (AutoencoderKLConfig::from_file(&path)?, ConfigSource::File(path)),
-            ConfigSource::Embedded(json) => (AutoencoderKLConfig::from_json(&json)?, ConfigSource::Embedded(json)),
+            ConfigSource::File(path) => (
+                AutoencoderKLConfig::from_file(&path)?,
+                ConfigSource::File(path),
+            ),
+            ConfigSource::Embedded(json) => (
+                AutoencoderKLConfig::from_json(&json)?,
+                ConfigSource::Embedded(json),
+            ),
             ConfigSource::Published => (AutoencoderKLConfig::z_image(), ConfigSource::Published),
         })
     }

@@ -19,8 +19,8 @@
 
 mod error;
 mod folder;
-pub mod memory;
 pub mod generator;
+pub mod memory;
 mod options;
 mod pipeline;
 

@@ -111,12 +111,14 @@ pub(crate) fn activations(
     let size = compute.size().max(4) as u64;
     let prompts = options.prompts.len() as u64;
     let tokens = options.max_sequence_length.min(1 << 16) as u64;
-    let text_bytes = prompts
-        * tokens
-        * (6 * text.hidden_size as u64 + 3 * text.intermediate_size as u64)
-        * size;
+    let text_bytes =
+        prompts * tokens * (6 * text.hidden_size as u64 + 3 * text.intermediate_size as u64) * size;
     let images = (options.prompts.len() * options.num_images_per_prompt) as u64;
-    let batch = if options.guidance_enabled() { 2 * images } else { images };
+    let batch = if options.guidance_enabled() {
+        2 * images
+    } else {
+        images
+    };
     let f = vae.downscale_factor() as u64 * 2;
     let image_tokens = (options.height as u64 / f) * (options.width as u64 / f);
     let caption = tokens.next_multiple_of(32);
@@ -179,9 +181,15 @@ fn cgroup_room() -> Option<u64> {
 /// `123`, `512M`, `12G`, `12GiB` -> bytes.
 fn parse_bytes(text: &str) -> Option<u64> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let number: f64 = text[..digits].parse().ok()?;
-    let unit = match text[digits..].trim().trim_end_matches("iB").trim_end_matches('B') {
+    let unit = match text[digits..]
+        .trim()
+        .trim_end_matches("iB")
+        .trim_end_matches('B')
+    {
         "" => 1u64,
         "K" | "k" => 1 << 10,
         "M" | "m" => 1 << 20,
@@ -193,7 +201,11 @@ fn parse_bytes(text: &str) -> Option<u64> {
 }
 
 /// Refuses a run whose estimate exceeds `available`, naming the ways out.
-pub fn check_fits(estimate: &MemoryEstimate, available: u64, device: &str) -> Result<(), PipelineError> {
+pub fn check_fits(
+    estimate: &MemoryEstimate,
+    available: u64,
+    device: &str,
+) -> Result<(), PipelineError> {
     if estimate.peak() <= available {
         return Ok(());
     }

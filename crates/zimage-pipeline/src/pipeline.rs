@@ -159,16 +159,22 @@ impl<B: ZBackend> ZImagePipeline<B> {
 
     /// What `options` will need in memory at the largest stage, from the checkpoints' headers
     /// (nothing is loaded) and the size and batch asked for.
-    pub fn estimate_memory(&self, options: &GenerateOptions) -> Result<MemoryEstimate, PipelineError> {
+    pub fn estimate_memory(
+        &self,
+        options: &GenerateOptions,
+    ) -> Result<MemoryEstimate, PipelineError> {
         // Options the pipeline would refuse (a size beyond the model) are reported as such, not
         // as an absurd memory figure.
         self.plan(options)?;
         let host = B::host_kernels(&self.device);
         let held = |weights: &std::path::Path| -> Result<u64, PipelineError> {
             let checkpoint = Checkpoint::open(weights)?;
-            Ok(crate::memory::held_bytes(&checkpoint, self.precision, host, |d| {
-                B::supports_dtype(&self.device, d)
-            }))
+            Ok(crate::memory::held_bytes(
+                &checkpoint,
+                self.precision,
+                host,
+                |d| B::supports_dtype(&self.device, d),
+            ))
         };
         let [text, dit, vae] = crate::memory::activations(
             options,
@@ -225,7 +231,12 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 &self.device,
                 self.precision,
             );
-            self.text_encoder = Some(published(loaded, &self.sources[1], "Qwen3-4B text encoder", &file)?);
+            self.text_encoder = Some(published(
+                loaded,
+                &self.sources[1],
+                "Qwen3-4B text encoder",
+                &file,
+            )?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingTextEncoder,
                 elapsed: start.elapsed(),
@@ -251,7 +262,12 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 &self.device,
                 self.precision,
             );
-            self.transformer = Some(published(loaded, &self.sources[0], "Z-Image transformer", &file)?);
+            self.transformer = Some(published(
+                loaded,
+                &self.sources[0],
+                "Z-Image transformer",
+                &file,
+            )?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingTransformer,
                 elapsed: start.elapsed(),
@@ -271,7 +287,8 @@ impl<B: ZBackend> ZImagePipeline<B> {
             let file = self.files.vae()?.weights.clone();
             let checkpoint = Checkpoint::open(&file)?;
             let bytes = checkpoint.weight_bytes();
-            let loaded = AutoencoderKL::load(&self.vae_config, checkpoint, &self.device, self.precision);
+            let loaded =
+                AutoencoderKL::load(&self.vae_config, checkpoint, &self.device, self.precision);
             self.vae = Some(published(loaded, &self.sources[2], "Flux VAE", &file)?);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingVae,

@@ -172,7 +172,11 @@ pub fn read_checkpoint(path: &std::path::Path) -> Vec<NamedTensor> {
         .entries()
         .map(|(name, entry)| {
             let data = checkpoint.read(name, None, DType::F32).expect("read");
-            (name.to_string(), data.to_vec::<f32>().expect("f32"), entry.shape.clone())
+            (
+                name.to_string(),
+                data.to_vec::<f32>().expect("f32"),
+                entry.shape.clone(),
+            )
         })
         .collect()
 }
@@ -225,7 +229,10 @@ pub fn comfy_transformer(
                     .map(|p| find(&format!("{block}.attention.{p}.weight")))
                     .collect();
                 let rows = parts.iter().map(|(_, _, s)| s[0]).sum();
-                let fused = parts.iter().flat_map(|(_, v, _)| v.iter().copied()).collect();
+                let fused = parts
+                    .iter()
+                    .flat_map(|(_, v, _)| v.iter().copied())
+                    .collect();
                 (fused, vec![rows, shape[1]])
             }
             None => (values.clone(), shape.clone()),

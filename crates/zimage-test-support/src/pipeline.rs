@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use zimage_nn::ZBackend;
 use serde::Deserialize;
+use zimage_nn::ZBackend;
 use zimage_pipeline::{GenerateOptions, InitImage, ZImagePipeline};
 
 use super::fixtures;
@@ -94,7 +94,10 @@ pub fn load_png(path: &Path) -> image::RgbImage {
 }
 
 /// The library call equivalent to a recorded diffusers call.
-pub fn options<BK: ZBackend>(case: &PipelineCase, pipeline: &ZImagePipeline<BK>) -> GenerateOptions {
+pub fn options<BK: ZBackend>(
+    case: &PipelineCase,
+    pipeline: &ZImagePipeline<BK>,
+) -> GenerateOptions {
     let a = &case.args;
     let prompts: Vec<String> = match &a["prompt"] {
         serde_json::Value::String(s) => vec![s.clone()],

@@ -101,12 +101,25 @@ mod tests {
         match map_key(&config, &fused, &[12, 4]) {
             KeyMapping::Split(parts) => {
                 let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
-                assert_eq!(names, ["layers.0.attention.to_q.weight", "layers.0.attention.to_k.weight", "layers.0.attention.to_v.weight"]);
+                assert_eq!(
+                    names,
+                    [
+                        "layers.0.attention.to_q.weight",
+                        "layers.0.attention.to_k.weight",
+                        "layers.0.attention.to_v.weight"
+                    ]
+                );
                 assert_eq!(parts[2].1, 8..12);
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(original_name(&config, "layers.0.attention.to_k.weight"), None);
-        assert_eq!(original_name(&config, "layers.0.attention.to_v.weight"), None);
+        assert_eq!(
+            original_name(&config, "layers.0.attention.to_k.weight"),
+            None
+        );
+        assert_eq!(
+            original_name(&config, "layers.0.attention.to_v.weight"),
+            None
+        );
     }
 }

@@ -50,7 +50,10 @@ fn limits_are_enforced_by_loaders_and_passes() {
         ),
         "{text}"
     );
-    assert!(text.contains("1 KiB") && text.contains("t_embedder.mlp.0."), "{text}");
+    assert!(
+        text.contains("1 KiB") && text.contains("t_embedder.mlp.0."),
+        "{text}"
+    );
 
     // Forward: loaded without a limit, then run under one that its activations exceed.
     set_max_tensor_bytes::<B>(&device, u64::MAX);

@@ -10,7 +10,6 @@ use common::pipeline::{cases, load_png, model_folder, options, psnr, LATENTS_REL
 use common::{errors, fixtures, to_vec, Case, B};
 use zimage_pipeline::{ModelFiles, ZImagePipeline};
 
-
 #[test]
 fn every_recorded_case_matches_diffusers() {
     // With the host kernels (the CPU's) and without them (the generic path GPUs run).

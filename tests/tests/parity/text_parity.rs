@@ -176,21 +176,21 @@ fn load(config: &str) -> Qwen3TextEncoder<B> {
 fn f32_matches_transformers() {
     // With the host kernels (the CPU's) and without them (the generic path GPUs run).
     common::on_both_paths(|path| {
-    for (config, cases) in CASES {
-        let model = load(config);
-        let (rel, max) = run_cases(config, &model, cases, "features");
-        println!("{path:?} config {config}: worst rel L2 {rel:.3e}, max abs {max:.3e}");
-        assert!(
-            rel <= REL_L2 && max <= MAX_ABS,
-            "config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
-        );
-        // And against transformers in float64: the same distance, f32 rounding on both sides.
-        let (rel64, _) = run_cases(config, &model, cases, "features64");
-        assert!(
-            rel64 <= REL_L2,
-            "config {config}: rel L2 {rel64:.3e} against f64"
-        );
-    }
+        for (config, cases) in CASES {
+            let model = load(config);
+            let (rel, max) = run_cases(config, &model, cases, "features");
+            println!("{path:?} config {config}: worst rel L2 {rel:.3e}, max abs {max:.3e}");
+            assert!(
+                rel <= REL_L2 && max <= MAX_ABS,
+                "config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
+            );
+            // And against transformers in float64: the same distance, f32 rounding on both sides.
+            let (rel64, _) = run_cases(config, &model, cases, "features64");
+            assert!(
+                rel64 <= REL_L2,
+                "config {config}: rel L2 {rel64:.3e} against f64"
+            );
+        }
     });
 }
 

@@ -85,21 +85,21 @@ fn run_cases(
 fn f32_matches_diffusers() {
     // With the host kernels (the CPU's) and without them (the generic path GPUs run).
     common::on_both_paths(|path| {
-    let device = Default::default();
-    for (config, cases) in CASES {
-        let model = ZImageTransformer2DModel::<B>::from_folder(
-            folder(config).join("transformer"),
-            &device,
-            DType::F32,
-        )
-        .expect("load");
-        let (rel, max) = run_cases(config, &model, "out", cases);
-        println!("{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}");
-        assert!(
-            rel <= 1e-5 && max <= 1e-4,
-            "{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
-        );
-    }
+        let device = Default::default();
+        for (config, cases) in CASES {
+            let model = ZImageTransformer2DModel::<B>::from_folder(
+                folder(config).join("transformer"),
+                &device,
+                DType::F32,
+            )
+            .expect("load");
+            let (rel, max) = run_cases(config, &model, "out", cases);
+            println!("{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}");
+            assert!(
+                rel <= 1e-5 && max <= 1e-4,
+                "{path:?} config {config}: rel L2 {rel:.3e}, max abs {max:.3e}"
+            );
+        }
     });
 }
 
@@ -155,19 +155,19 @@ fn bf16_checkpoint_loads_into_f32() {
 #[test]
 fn original_single_file_matches() {
     common::on_both_paths(|path| {
-    let device = Default::default();
-    let dir = folder("a");
-    let config =
-        ZImageTransformerConfig::from_file(dir.join("transformer/config.json")).expect("config");
-    let checkpoint = Checkpoint::open(dir.join("original-bf16.safetensors")).expect("open");
-    assert!(checkpoint.contains("model.diffusion_model.layers.0.attention.qkv.weight"));
-    let model = ZImageTransformer2DModel::<B>::load(&config, checkpoint, &device, DType::F32)
-        .expect("load");
-    let (rel, max) = run_cases("a", &model, "out_bf16w", &["batch1", "mixed_sizes"]);
-    assert!(
-        rel <= 1e-5 && max <= 1e-4,
-        "{path:?}: rel L2 {rel:.3e}, max abs {max:.3e}"
-    );
+        let device = Default::default();
+        let dir = folder("a");
+        let config = ZImageTransformerConfig::from_file(dir.join("transformer/config.json"))
+            .expect("config");
+        let checkpoint = Checkpoint::open(dir.join("original-bf16.safetensors")).expect("open");
+        assert!(checkpoint.contains("model.diffusion_model.layers.0.attention.qkv.weight"));
+        let model = ZImageTransformer2DModel::<B>::load(&config, checkpoint, &device, DType::F32)
+            .expect("load");
+        let (rel, max) = run_cases("a", &model, "out_bf16w", &["batch1", "mixed_sizes"]);
+        assert!(
+            rel <= 1e-5 && max <= 1e-4,
+            "{path:?}: rel L2 {rel:.3e}, max abs {max:.3e}"
+        );
     });
 }
 
