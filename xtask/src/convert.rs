@@ -34,23 +34,25 @@ pub struct ConvertArgs {
     pub base: Option<String>,
     pub out: PathBuf,
     pub dtype: OutDtype,
+    /// Write GGUF files of this ggml type instead of a safetensors folder.
+    pub gguf: Option<zimage_nn::quant::GgmlType>,
     pub max_shard_bytes: u64,
     pub force: bool,
 }
 
 /// One output tensor and where its values come from.
-struct Planned {
-    out: OutTensor,
-    source: String,
-    rows: Option<Range<usize>>,
+pub(crate) struct Planned {
+    pub(crate) out: OutTensor,
+    pub(crate) source: String,
+    pub(crate) rows: Option<Range<usize>>,
 }
 
 /// A component's weights to convert.
-struct ComponentSource {
-    component: Component,
+pub(crate) struct ComponentSource {
+    pub(crate) component: Component,
     /// What `checkpoint` was opened from (a file or a component folder), to re-open it.
-    path: PathBuf,
-    checkpoint: Checkpoint,
+    pub(crate) path: PathBuf,
+    pub(crate) checkpoint: Checkpoint,
 }
 
 /// Bytes read (counted in the output dtype) between two re-mappings of the source (see
@@ -61,14 +63,14 @@ const REMAP_BYTES: usize = 1 << 30;
 /// that were read stay in the process's resident set until it is unmapped, so without this
 /// converting a 25 GB checkpoint shows ~19 GB resident (reclaimable, but alarming and counted
 /// by cgroup limits). Re-opening only re-parses the headers.
-struct StreamingReader<'a> {
+pub(crate) struct StreamingReader<'a> {
     path: &'a Path,
     checkpoint: Option<Checkpoint>,
     since_remap: usize,
 }
 
 impl<'a> StreamingReader<'a> {
-    fn new(path: &'a Path) -> Self {
+    pub(crate) fn new(path: &'a Path) -> Self {
         Self {
             path,
             checkpoint: None,
@@ -76,7 +78,7 @@ impl<'a> StreamingReader<'a> {
         }
     }
 
-    fn read(
+    pub(crate) fn read(
         &mut self,
         name: &str,
         rows: Option<Range<usize>>,
@@ -177,6 +179,9 @@ pub fn convert(args: &ConvertArgs) -> Result<Vec<FileRecord>> {
         }
     }
 
+    if let Some(ty) = args.gguf {
+        return crate::gguf_out::write(&sources, &base, &args.out, ty, started);
+    }
     let mut records = copy_configs(&base, &args.out, args.dtype)?;
     sources.sort_by_key(|s| Component::ALL.iter().position(|c| *c == s.component));
     for source in &sources {
@@ -242,7 +247,7 @@ fn classify(checkpoint: &Checkpoint) -> Option<Component> {
 
 /// Output names and shapes of one component, checked against the model where the name mapping
 /// is not a plain rename.
-fn plan_component(source: &ComponentSource, base: &Path) -> Result<Vec<Planned>> {
+pub(crate) fn plan_component(source: &ComponentSource, base: &Path) -> Result<Vec<Planned>> {
     let ck = &source.checkpoint;
     let folder = base.join(source.component.folder());
     let mut plan = Vec::new();
@@ -556,6 +561,7 @@ mod tests {
             base,
             out: out.to_path_buf(),
             dtype,
+            gguf: None,
             max_shard_bytes: shard,
             force: false,
         }

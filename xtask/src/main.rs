@@ -5,6 +5,7 @@
 //! - `read-check`: read (or load) every tensor of a checkpoint and time it.
 
 mod convert;
+mod gguf_out;
 mod synth;
 mod writer;
 
@@ -40,8 +41,10 @@ enum Command {
         /// Output folder (Hugging Face layout).
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "bf16")]
-        dtype: OutDtype,
+        /// bf16, f16, f32 (a safetensors folder), or a ggml type: q8_0, q5_1, q5_0, q4_1, q4_0
+        /// (GGUF files: the transformer in city96's layout, Qwen3 in llama.cpp's).
+        #[arg(long, default_value = "bf16", value_parser = parse_convert_dtype)]
+        dtype: ConvertDtype,
         /// Largest shard, like save_pretrained's max_shard_size (e.g. 5GB, 500MB, bytes).
         #[arg(long, default_value = "5GB", value_parser = parse_size)]
         max_shard_size: u64,
@@ -115,11 +118,16 @@ fn main() -> Result<()> {
             max_shard_size,
             force,
         } => {
+            let (dtype, gguf) = match dtype {
+                ConvertDtype::Float(d) => (d, None),
+                ConvertDtype::Gguf(t) => (OutDtype::F32, Some(t)),
+            };
             convert::convert(&convert::ConvertArgs {
                 from,
                 base,
                 out,
                 dtype,
+                gguf,
                 max_shard_bytes: max_shard_size,
                 force,
             })?;
@@ -145,6 +153,29 @@ fn main() -> Result<()> {
         Command::ReadCheck { path, dtype, load } => read_check(&path, dtype, load)?,
     }
     Ok(())
+}
+
+/// What `convert --dtype` writes.
+#[derive(Debug, Clone, Copy)]
+enum ConvertDtype {
+    Float(OutDtype),
+    Gguf(zimage_nn::quant::GgmlType),
+}
+
+fn parse_convert_dtype(s: &str) -> Result<ConvertDtype, String> {
+    use clap::ValueEnum;
+    if let Ok(d) = OutDtype::from_str(s, true) {
+        return Ok(ConvertDtype::Float(d));
+    }
+    match zimage_nn::quant::GgmlType::from_name(s) {
+        Some(t) if !t.is_float() && zimage_nn::quant::can_quantize(t) => Ok(ConvertDtype::Gguf(t)),
+        Some(t) => Err(format!(
+            "{t} files are read but not written yet; write q8_0, q5_1, q5_0, q4_1 or q4_0"
+        )),
+        None => Err(format!(
+            "{s}: expected bf16, f16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0"
+        )),
+    }
 }
 
 fn read_check(path: &std::path::Path, dtype: OutDtype, load: bool) -> Result<()> {

@@ -35,10 +35,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Transformer weights from one file (diffusers or original/ComfyUI names, e.g.
-    /// z_image_turbo_bf16.safetensors); its config comes from --model, or is the published one.
+    /// z_image_turbo_bf16.safetensors, or a city96 / stable-diffusion.cpp GGUF, kept quantized);
+    /// its config comes from --model, or is the published one.
     #[arg(long, value_name = "FILE")]
     pub transformer: Option<PathBuf>,
-    /// Text-encoder weights from one file (e.g. ComfyUI's qwen_3_4b.safetensors).
+    /// Text-encoder weights from one file (e.g. ComfyUI's qwen_3_4b.safetensors, or a llama.cpp
+    /// Qwen3 GGUF, kept quantized).
     #[arg(long, value_name = "FILE")]
     pub text_encoder: Option<PathBuf>,
     /// VAE weights from one file (diffusers names or BFL's ae.safetensors).

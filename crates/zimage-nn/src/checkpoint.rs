@@ -1,8 +1,9 @@
-//! Reading safetensors checkpoints: one file, or a sharded set described by a
-//! `*.safetensors.index.json`.
+//! Reading checkpoints: a safetensors file, a sharded set described by a
+//! `*.safetensors.index.json`, or a GGUF file.
 //!
 //! Files are memory-mapped; a tensor is copied to the host only when it is read, one at a time,
-//! and cast on the way to the dtype the model asks for (stored F32, BF16 and F16 are accepted).
+//! and cast on the way to the dtype the model asks for (stored F32, BF16 and F16 are accepted, and
+//! from GGUF files the ggml block types of [`crate::quant`], dequantized when read).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,6 +19,8 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{CheckpointError, MismatchReport};
+use crate::gguf::{self, GgufValue};
+use crate::quant::{self, GgmlType};
 
 /// Storage type of a tensor in a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub enum StoredDtype {
     F32,
     BF16,
     F16,
+    /// ggml blocks (GGUF files).
+    Quantized(GgmlType),
     /// Anything a model cannot take as float weights (integers, f64, fp8, ...), by its safetensors name.
     Other(&'static str),
 }
@@ -48,11 +53,12 @@ impl StoredDtype {
         }
     }
 
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::BF16 | Self::F16 => 2,
-            Self::Other(_) => 0,
+    fn from_ggml(ty: GgmlType) -> Self {
+        match ty {
+            GgmlType::F32 => Self::F32,
+            GgmlType::F16 => Self::F16,
+            GgmlType::BF16 => Self::BF16,
+            quantized => Self::Quantized(quantized),
         }
     }
 
@@ -67,6 +73,7 @@ impl fmt::Display for StoredDtype {
             Self::F32 => f.write_str("F32"),
             Self::BF16 => f.write_str("BF16"),
             Self::F16 => f.write_str("F16"),
+            Self::Quantized(ty) => f.write_str(ty.name()),
             Self::Other(name) => f.write_str(name),
         }
     }
@@ -152,6 +159,8 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, TensorEntry>,
     /// The `__metadata__` strings of every shard (the first shard's value wins).
     metadata: BTreeMap<String, String>,
+    /// The metadata of GGUF files.
+    gguf: BTreeMap<String, GgufValue>,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +194,7 @@ impl Checkpoint {
             shards: Vec::new(),
             tensors: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            gguf: BTreeMap::new(),
         };
         for file in files {
             checkpoint.add_shard(file, None)?;
@@ -222,6 +232,7 @@ impl Checkpoint {
             shards: Vec::new(),
             tensors: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            gguf: BTreeMap::new(),
         };
         for (file, names) in by_file {
             if file.contains('/') || file.contains('\\') || file == ".." {
@@ -248,6 +259,9 @@ impl Checkpoint {
             path: path.to_path_buf(),
             source,
         })?;
+        if gguf::is_gguf(&mmap) {
+            return self.add_gguf(path, mmap);
+        }
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             CheckpointError::MalformedSafetensors {
                 path: path.to_path_buf(),
@@ -297,6 +311,52 @@ impl Checkpoint {
             data_start: 8 + header_len,
         });
         Ok(())
+    }
+
+    /// Records a GGUF file's tensors (byte ranges from the file's start).
+    fn add_gguf(&mut self, path: &Path, mmap: Mmap) -> Result<(), CheckpointError> {
+        let header = gguf::parse(&mmap).map_err(|reason| CheckpointError::MalformedGguf {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let shard = self.shards.len();
+        for tensor in header.tensors {
+            let entry = TensorEntry {
+                shard,
+                dtype: StoredDtype::from_ggml(tensor.ty),
+                shape: tensor.shape,
+                bytes: tensor.bytes,
+            };
+            if self.tensors.insert(tensor.name.clone(), entry).is_some() {
+                return Err(CheckpointError::MalformedGguf {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor {} is also stored in another file", tensor.name),
+                });
+            }
+        }
+        for (key, value) in header.metadata {
+            self.gguf.entry(key).or_insert(value);
+        }
+        self.shards.push(Shard {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+            data_start: 0,
+        });
+        Ok(())
+    }
+
+    /// Whether any file of this checkpoint is a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        !self.gguf.is_empty()
+            || self
+                .tensors
+                .values()
+                .any(|e| matches!(e.dtype, StoredDtype::Quantized(_)))
+    }
+
+    /// A GGUF metadata value (`general.architecture`, `qwen3.block_count`, ...).
+    pub fn gguf_value(&self, key: &str) -> Option<&GgufValue> {
+        self.gguf.get(key)
     }
 
     /// A `__metadata__` string of the file(s), e.g. the `config` JSON a single file may carry.
@@ -404,10 +464,9 @@ impl Checkpoint {
     }
 }
 
-/// Casts little-endian stored values to `to`. bf16/f16 -> f32 is exact; f32 -> bf16/f16 rounds
-/// to nearest even, as `torch.Tensor.to` does.
+/// Casts little-endian stored values to `to`. bf16/f16 -> f32 is exact, and so is ggml blocks ->
+/// f32 (as gguf-py dequantizes); f32 -> bf16/f16 rounds to nearest even, as `torch.Tensor.to` does.
 fn convert(raw: &[u8], from: StoredDtype, shape: Vec<usize>, to: DType) -> TensorData {
-    debug_assert_eq!(raw.len() % from.size().max(1), 0);
     let same = matches!(
         (from, to),
         (StoredDtype::F32, DType::F32)
@@ -427,6 +486,7 @@ fn convert(raw: &[u8], from: StoredDtype, shape: Vec<usize>, to: DType) -> Tenso
             .into_iter()
             .map(f32::from)
             .collect(),
+        StoredDtype::Quantized(ty) => quant::dequantize(ty, raw),
         StoredDtype::Other(_) => unreachable!("checked by the caller"),
     };
     match to {

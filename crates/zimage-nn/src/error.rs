@@ -21,7 +21,9 @@ pub enum CheckpointError {
     MalformedIndex { path: PathBuf, reason: String },
     #[error("malformed safetensors file {path}: {reason}")]
     MalformedSafetensors { path: PathBuf, reason: String },
-    #[error("{file}: tensor {tensor} is stored as {dtype}; only F32, BF16 and F16 weights can be loaded")]
+    #[error("malformed GGUF file {path}: {reason}")]
+    MalformedGguf { path: PathBuf, reason: String },
+    #[error("{file}: tensor {tensor} is stored as {dtype}; only F32, BF16 and F16 weights (and ggml blocks from GGUF files) can be loaded")]
     UnsupportedDtype {
         file: PathBuf,
         tensor: String,

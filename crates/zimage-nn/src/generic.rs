@@ -26,6 +26,7 @@ fn device_tensor<B: ZBackend, const D: usize>(
             Tensor::<B, D>::from_data(TensorData::new(m.to_f32(), shape), (device, DType::F32))
                 .cast(dtype)
         }
+        Stored::Quantized(q) => q.dequantize(dtype).reshape(shape),
     }
 }
 
@@ -36,7 +37,10 @@ pub fn linear<B: ZBackend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -
     dims[D - 1] = n;
     let (device, dtype) = (x.device(), x.dtype());
     let weight = match &layer.weight {
-        Stored::Host(_) => device_tensor(&layer.weight, [n, k], &device, dtype).transpose(),
+        // Held as stored, `[out, in]`.
+        Stored::Host(_) | Stored::Quantized(_) => {
+            device_tensor(&layer.weight, [n, k], &device, dtype).transpose()
+        }
         // Held transposed, `[in, out]`.
         device_weight => device_tensor(device_weight, [k, n], &device, dtype),
     };
@@ -50,6 +54,29 @@ pub fn linear<B: ZBackend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -
 
 pub fn embedding<B: ZBackend>(layer: &Embedding<B>, ids: &[u32]) -> Tensor<B, 2> {
     let device = layer.device();
+    let n = ids.len();
+    match &layer.table {
+        // Only the rows asked for are decoded (a Qwen3 table is 151936 rows).
+        Stored::Quantized(q) => {
+            let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+            let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device);
+            return q.select_rows(ids).dequantize(layer.dtype());
+        }
+        Stored::Host(table) => {
+            use crate::host::gemm::RowSource;
+            let dim = layer.dim();
+            let mut rows = vec![0f32; n * dim];
+            for (row, &id) in rows.chunks_mut(dim).zip(ids) {
+                table.read_row(id as usize, 0, row);
+            }
+            return Tensor::<B, 2>::from_data(
+                TensorData::new(rows, [n, dim]),
+                (device, DType::F32),
+            )
+            .cast(layer.dtype());
+        }
+        Stored::Device(_) => {}
+    }
     let table = device_tensor(
         &layer.table,
         [layer.vocab_size(), layer.dim()],
@@ -57,7 +84,6 @@ pub fn embedding<B: ZBackend>(layer: &Embedding<B>, ids: &[u32]) -> Tensor<B, 2>
         layer.dtype(),
     );
     let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
-    let n = ids.len();
     table.select(
         0,
         Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device),

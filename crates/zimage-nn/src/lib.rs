@@ -2,7 +2,8 @@
 //!
 //! - [`ZBackend`]: the seam between model code and backend-specific kernels; [`generic`] holds
 //!   the implementation every backend gets by default, [`host`] the CPU kernels burn-ndarray uses.
-//! - [`checkpoint`]: safetensors files and sharded sets (index json), memory-mapped.
+//! - [`checkpoint`]: safetensors files and sharded sets (index json), and GGUF files ([`gguf`],
+//!   ggml block types in [`quant`]), memory-mapped.
 //! - [`weights`]: building modules from named tensors, with the complete mismatch report; weight
 //!   matrices in their stored precision ([`Stored`], [`Precision`]).
 //! - [`device`]: per-device tensor size limits, checked before anything is uploaded.
@@ -18,10 +19,13 @@ pub mod device;
 mod embedding;
 mod error;
 pub mod generic;
+pub mod gguf;
 mod group_norm;
 pub mod host;
 mod linear;
 mod norm;
+pub mod quant;
+mod quantized;
 mod rotary;
 pub mod weights;
 
@@ -35,6 +39,7 @@ pub use error::{CheckpointError, MismatchReport, ShapeMismatch};
 pub use group_norm::GroupNorm;
 pub use linear::Linear;
 pub use norm::{layer_norm, RmsNorm};
+pub use quantized::QuantizedMatrix;
 pub use rotary::{Rotary, RotaryLayout, RotaryTable};
 pub use weights::{load_module, KeyMapping, Precision, Stored, TensorRef, WeightMap, Weights};
 

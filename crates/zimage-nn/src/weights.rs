@@ -25,7 +25,7 @@ use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use crate::checkpoint::{Checkpoint, RawTensor, StoredDtype, TensorEntry};
 use crate::error::{CheckpointError, MismatchReport, ShapeMismatch};
 use crate::host::{HostFormat, HostMatrix};
-use crate::ZBackend;
+use crate::{QuantizedMatrix, ZBackend};
 
 /// Where one module parameter comes from: a checkpoint tensor, or some rows of one
 /// (fused projections such as `attention.qkv` are split this way).
@@ -219,6 +219,8 @@ pub enum Stored<B: Backend, const D: usize> {
     Device(Tensor<B, D>),
     /// `[first dimension, the others flattened]` on the host, in the stored precision.
     Host(HostMatrix),
+    /// ggml blocks on the device, `[first dimension, the others flattened]`, dequantized per use.
+    Quantized(QuantizedMatrix<B>),
 }
 
 impl<B: Backend, const D: usize> Stored<B, D> {
@@ -227,6 +229,7 @@ impl<B: Backend, const D: usize> Stored<B, D> {
         match self {
             Self::Device(t) => t.shape().num_elements() * t.dtype().size(),
             Self::Host(m) => m.size_bytes(),
+            Self::Quantized(q) => q.size_bytes(),
         }
     }
 }
@@ -379,7 +382,8 @@ impl<'a, B: ZBackend> Weights<'a, B> {
         }
     }
 
-    /// The format a matrix stored as `stored` is held in on the host.
+    /// The format a matrix stored as `stored` is held in on the host (quantized blocks stay
+    /// quantized unless a weights dtype is asked for).
     fn host_format(&self, stored: Option<StoredDtype>) -> HostFormat {
         match self.inner.precision.weights {
             Some(DType::BF16) => HostFormat::BF16,
@@ -460,6 +464,11 @@ impl<'a, B: ZBackend> Weights<'a, B> {
                     let raw = map.checkpoint.raw(&tensor.name, tensor.rows.clone())?;
                     return Ok(Stored::Host(self.host_matrix(raw, rows, cols)));
                 }
+                if D == 2 {
+                    if let Some(q) = self.device_quantized(map, tensor, &path, rows, cols)? {
+                        return Ok(Stored::Quantized(q));
+                    }
+                }
                 let stored = map.checkpoint.get(&tensor.name).map(|e| e.dtype);
                 let dtype = self.device_dtype(stored);
                 self.check_fits(&path, &shape, dtype)?;
@@ -524,6 +533,11 @@ impl<'a, B: ZBackend> Weights<'a, B> {
                         in_features,
                     )));
                 }
+                if let Some(q) =
+                    self.device_quantized(map, tensor, &path, out_features, in_features)?
+                {
+                    return Ok(Stored::Quantized(q));
+                }
                 let stored = map.checkpoint.get(&tensor.name).map(|e| e.dtype);
                 let dtype = self.device_dtype(stored);
                 self.check_fits(&path, &[in_features, out_features], dtype)?;
@@ -536,6 +550,30 @@ impl<'a, B: ZBackend> Weights<'a, B> {
                 )))
             }
         }
+    }
+
+    /// A quantized tensor kept quantized on the device (unless a weights dtype was asked for).
+    fn device_quantized(
+        &self,
+        map: &WeightMap,
+        tensor: &TensorRef,
+        path: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<QuantizedMatrix<B>>, CheckpointError> {
+        let Some(StoredDtype::Quantized(ty)) = map.checkpoint.get(&tensor.name).map(|e| e.dtype)
+        else {
+            return Ok(None);
+        };
+        if self.inner.precision.weights.is_some() {
+            return Ok(None);
+        }
+        // Each use makes the whole matrix in the compute dtype: that must fit too.
+        self.check_fits(path, &[rows, cols], DType::F32)?;
+        let raw = map.checkpoint.raw(&tensor.name, tensor.rows.clone())?;
+        let q = QuantizedMatrix::from_blocks(ty, raw.bytes.bytes(), rows, cols, self.device());
+        raw.bytes.release();
+        Ok(Some(q))
     }
 
     /// A host matrix from the file's bytes: mapped in place when the format is the file's,
@@ -558,7 +596,7 @@ fn stored_as_dtype(stored: StoredDtype) -> Option<DType> {
         StoredDtype::F32 => Some(DType::F32),
         StoredDtype::BF16 => Some(DType::BF16),
         StoredDtype::F16 => Some(DType::F16),
-        StoredDtype::Other(_) => None,
+        StoredDtype::Quantized(_) | StoredDtype::Other(_) => None,
     }
 }
 

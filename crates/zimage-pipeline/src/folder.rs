@@ -239,7 +239,7 @@ impl ModelFiles {
                 ZImageTransformerConfig::from_json(&json)?,
                 ConfigSource::Embedded(json),
             ),
-            ConfigSource::Published => (
+            ConfigSource::Gguf | ConfigSource::Published => (
                 ZImageTransformerConfig::z_image_turbo(),
                 ConfigSource::Published,
             ),
@@ -248,11 +248,20 @@ impl ModelFiles {
 
     /// The text encoder's config, found as [`Self::transformer_config`] finds its (Qwen3-4B's
     /// when published).
+    /// A llama.cpp GGUF's own metadata (`qwen3.*`) counts as the file's config.
     pub fn text_encoder_config(&self) -> Result<(Qwen3Config, ConfigSource), PipelineError> {
         Ok(match config_source(self.text_encoder.as_ref())? {
             ConfigSource::File(path) => (Qwen3Config::from_file(&path)?, ConfigSource::File(path)),
             ConfigSource::Embedded(json) => {
                 (Qwen3Config::from_json(&json)?, ConfigSource::Embedded(json))
+            }
+            ConfigSource::Gguf => {
+                let part = self.text_encoder.as_ref().expect("a GGUF source is a file");
+                let checkpoint = zimage_nn::Checkpoint::open(&part.weights)?;
+                match Qwen3Config::from_gguf(&checkpoint) {
+                    Some(config) => (config?, ConfigSource::Gguf),
+                    None => (Qwen3Config::qwen3_4b(), ConfigSource::Published),
+                }
             }
             ConfigSource::Published => (Qwen3Config::qwen3_4b(), ConfigSource::Published),
         })
@@ -270,7 +279,9 @@ impl ModelFiles {
                 AutoencoderKLConfig::from_json(&json)?,
                 ConfigSource::Embedded(json),
             ),
-            ConfigSource::Published => (AutoencoderKLConfig::z_image(), ConfigSource::Published),
+            ConfigSource::Gguf | ConfigSource::Published => {
+                (AutoencoderKLConfig::z_image(), ConfigSource::Published)
+            }
         })
     }
 
@@ -296,6 +307,9 @@ pub enum ConfigSource {
     File(PathBuf),
     /// The `config` entry of the single file's safetensors metadata.
     Embedded(String),
+    /// The metadata of a GGUF file (llama.cpp's `qwen3.*` keys); for components whose GGUF
+    /// files carry no config (the transformer), the published one is used.
+    Gguf,
     /// Built in: the published Z-Image-Turbo component.
     Published,
 }
@@ -313,6 +327,7 @@ fn config_source(part: Option<&Part>) -> Result<ConfigSource, PipelineError> {
     let checkpoint = zimage_nn::Checkpoint::open(&part.weights)?;
     Ok(match checkpoint.metadata(CONFIG_METADATA_KEY) {
         Some(json) => ConfigSource::Embedded(json.to_string()),
+        None if checkpoint.gguf_value("general.architecture").is_some() => ConfigSource::Gguf,
         None => ConfigSource::Published,
     })
 }

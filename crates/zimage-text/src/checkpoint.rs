@@ -5,6 +5,9 @@
 //! both spellings load. Tensors the encoder never reads are accepted and skipped, not reported as
 //! unexpected: the LM head, the final norm and the last decoder layer (`hidden_states[-2]` is the
 //! output of the layer before it, without the final norm), and RoPE buffers older saves carry.
+//!
+//! llama.cpp's GGUF names (`token_embd`, `blk.N.attn_q`, ...; what `convert_hf_to_gguf.py` writes
+//! for Qwen3, with q and k unpermuted since Qwen3 uses NeoX-style rotation) map to the same paths.
 
 use zimage_nn::KeyMapping;
 
@@ -15,9 +18,11 @@ const CAUSAL_LM_PREFIX: &str = "model.";
 
 /// Maps one checkpoint tensor to the module path it fills, or to nothing when unused.
 pub fn map_key(config: &Qwen3Config, name: &str) -> KeyMapping {
-    if name == "lm_head.weight" {
+    if name == "lm_head.weight" || name == "output.weight" {
         return KeyMapping::Ignore;
     }
+    let renamed = llama_cpp_name(name);
+    let name = renamed.as_deref().unwrap_or(name);
     let name = name.strip_prefix(CAUSAL_LM_PREFIX).unwrap_or(name);
     if name == "norm.weight" || name.ends_with("rotary_emb.inv_freq") {
         return KeyMapping::Ignore;
@@ -27,6 +32,34 @@ pub fn map_key(config: &Qwen3Config, name: &str) -> KeyMapping {
         return KeyMapping::Ignore;
     }
     KeyMapping::To(name.to_string())
+}
+
+/// transformers' name of a llama.cpp tensor name, `None` for other names.
+fn llama_cpp_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("norm.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tensor) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (module, kind) = tensor.rsplit_once('.')?;
+    let module = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("layers.{layer}.{module}.{kind}"))
 }
 
 #[cfg(test)]
@@ -125,5 +158,49 @@ mod tests {
         ] {
             assert_eq!(map_key(&config, unused), KeyMapping::Ignore, "{unused}");
         }
+    }
+
+    /// The published model under llama.cpp's names (what `convert_hf_to_gguf.py` writes) maps
+    /// onto exactly the same module paths.
+    #[test]
+    fn llama_cpp_names_map_like_transformers_names() {
+        let config = Qwen3Config::qwen3_4b();
+        let llama = |name: &str| -> String {
+            let name = name.strip_prefix("model.").unwrap_or(name);
+            if name == "embed_tokens.weight" {
+                return "token_embd.weight".into();
+            }
+            if name == "norm.weight" {
+                return "output_norm.weight".into();
+            }
+            let rest = name.strip_prefix("layers.").unwrap();
+            let (layer, tensor) = rest.split_once('.').unwrap();
+            let tensor = tensor
+                .replace("self_attn.q_proj", "attn_q")
+                .replace("self_attn.k_proj", "attn_k")
+                .replace("self_attn.v_proj", "attn_v")
+                .replace("self_attn.o_proj", "attn_output")
+                .replace("self_attn.q_norm", "attn_q_norm")
+                .replace("self_attn.k_norm", "attn_k_norm")
+                .replace("post_attention_layernorm", "ffn_norm")
+                .replace("input_layernorm", "attn_norm")
+                .replace("mlp.gate_proj", "ffn_gate")
+                .replace("mlp.up_proj", "ffn_up")
+                .replace("mlp.down_proj", "ffn_down");
+            format!("blk.{layer}.{tensor}")
+        };
+        for (name, _) in published_names() {
+            assert_eq!(
+                map_key(&config, &llama(&name)),
+                map_key(&config, &name),
+                "{name}"
+            );
+        }
+        assert_eq!(map_key(&config, "output.weight"), KeyMapping::Ignore);
+        // Unknown llama.cpp-looking names stay unexpected, never silently dropped.
+        assert_eq!(
+            map_key(&config, "blk.0.attn_qkv.weight"),
+            KeyMapping::To("blk.0.attn_qkv.weight".into())
+        );
     }
 }

@@ -89,6 +89,56 @@ impl Default for Qwen3Config {
 }
 
 impl Qwen3Config {
+    /// The config a llama.cpp GGUF of a Qwen3 describes in its metadata (`qwen3.block_count`,
+    /// `qwen3.embedding_length`, ...; the vocabulary from `token_embd`'s rows). `None` when the
+    /// checkpoint is not one (no `general.architecture = qwen3`).
+    pub fn from_gguf(checkpoint: &zimage_nn::Checkpoint) -> Option<Result<Self, TextError>> {
+        let arch = checkpoint.gguf_value("general.architecture")?.as_str()?;
+        if arch != "qwen3" {
+            return None;
+        }
+        let int = |key: &str| -> Result<usize, TextError> {
+            checkpoint
+                .gguf_value(&format!("qwen3.{key}"))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| TextError::Config {
+                    path: Some(checkpoint.origin().to_path_buf()),
+                    reason: format!("the GGUF file has no qwen3.{key}"),
+                })
+        };
+        let float = |key: &str, default: f64| {
+            checkpoint
+                .gguf_value(&format!("qwen3.{key}"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(default)
+        };
+        Some((|| {
+            let hidden_size = int("embedding_length")?;
+            let heads = int("attention.head_count")?;
+            let vocab_size = checkpoint
+                .get("token_embd.weight")
+                .map(|e| e.shape[0])
+                .ok_or_else(|| TextError::Config {
+                    path: Some(checkpoint.origin().to_path_buf()),
+                    reason: "the GGUF file has no token_embd.weight".into(),
+                })?;
+            Ok(Self {
+                vocab_size,
+                hidden_size,
+                intermediate_size: int("feed_forward_length")?,
+                num_hidden_layers: int("block_count")?,
+                num_attention_heads: heads,
+                num_key_value_heads: Some(int("attention.head_count_kv").unwrap_or(heads)),
+                head_dim: Some(int("attention.key_length").unwrap_or(hidden_size / heads)),
+                rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+                rope_theta: Some(float("rope.freq_base", 1_000_000.0)),
+                max_position_embeddings: int("context_length").unwrap_or(40960),
+                ..Self::default()
+            })
+        })())
+    }
+
     /// Qwen3-4B, the text encoder of Z-Image (`text_encoder/config.json` of Z-Image-Turbo).
     pub fn qwen3_4b() -> Self {
         Self {

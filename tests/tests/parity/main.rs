@@ -5,6 +5,7 @@
 //! checkpoint loaders and their errors, device limits, and the GPU backends.
 
 mod device_limits;
+mod gguf;
 mod gpu_backends;
 mod pipeline_parity;
 mod rng;

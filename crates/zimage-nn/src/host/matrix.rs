@@ -7,6 +7,7 @@ use half::{bf16, f16};
 
 use super::gemm::RowSource;
 use crate::checkpoint::{MappedBytes, StoredDtype};
+use crate::quant::{dequantize_into, GgmlType};
 
 /// How a [`HostMatrix`] stores its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,13 +15,17 @@ pub enum HostFormat {
     F32,
     BF16,
     F16,
+    /// ggml blocks along each row (a GGUF file's quantized tensor).
+    Quantized(GgmlType),
 }
 
 impl HostFormat {
-    pub fn size(self) -> usize {
+    /// Bytes of `n` values (for quantized formats `n` is a whole number of blocks).
+    pub fn bytes_for(self, n: usize) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::BF16 | Self::F16 => 2,
+            Self::F32 => 4 * n,
+            Self::BF16 | Self::F16 => 2 * n,
+            Self::Quantized(ty) => n / ty.block_size() * ty.block_bytes(),
         }
     }
 
@@ -29,6 +34,7 @@ impl HostFormat {
             StoredDtype::F32 => Some(Self::F32),
             StoredDtype::BF16 => Some(Self::BF16),
             StoredDtype::F16 => Some(Self::F16),
+            StoredDtype::Quantized(ty) => Some(Self::Quantized(ty)),
             StoredDtype::Other(_) => None,
         }
     }
@@ -51,8 +57,8 @@ impl Storage {
     }
 }
 
-/// A `[rows, cols]` row-major matrix (a PyTorch `nn.Linear` weight is `[out, in]`) in f32, bf16
-/// or f16, memory-mapped from its file when it is held in the file's precision. Clones share the
+/// A `[rows, cols]` row-major matrix (a PyTorch `nn.Linear` weight is `[out, in]`) in f32, bf16,
+/// f16 or ggml blocks, memory-mapped from its file when it is held in the file's precision. Clones share the
 /// storage.
 #[derive(Clone)]
 pub struct HostMatrix {
@@ -83,7 +89,7 @@ impl HostMatrix {
     pub fn mapped(rows: usize, cols: usize, format: HostFormat, bytes: MappedBytes) -> Self {
         assert_eq!(
             bytes.bytes().len(),
-            rows * cols * format.size(),
+            rows * format.bytes_for(cols),
             "matrix bytes"
         );
         Self {
@@ -107,11 +113,14 @@ impl HostMatrix {
                 let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
                 bytemuck::cast_slice(&v).to_vec()
             }
+            HostFormat::Quantized(ty) => crate::quant::quantize(ty, values)
+                .unwrap_or_else(|| panic!("zimage-rs does not quantize to {ty}")),
         };
         Self::owned(rows, cols, format, bytes)
     }
 
-    /// Stored values (little-endian) converted from `from` to `format`, in parallel row chunks.
+    /// Stored values (little-endian) converted from `from` to the float `format`, in parallel
+    /// chunks of whole rows.
     pub fn convert(
         rows: usize,
         cols: usize,
@@ -120,13 +129,17 @@ impl HostMatrix {
         format: HostFormat,
     ) -> Self {
         use rayon::prelude::*;
-        assert_eq!(raw.len(), rows * cols * from.size(), "matrix bytes");
-        let mut out = vec![0u8; rows * cols * format.size()];
-        const CHUNK: usize = 1 << 16;
-        out.par_chunks_mut(CHUNK * format.size())
-            .zip(raw.par_chunks(CHUNK * from.size()))
+        assert!(
+            !matches!(format, HostFormat::Quantized(_)),
+            "conversion to ggml blocks"
+        );
+        assert_eq!(raw.len(), rows * from.bytes_for(cols), "matrix bytes");
+        let mut out = vec![0u8; rows * format.bytes_for(cols)];
+        let chunk_rows = ((1 << 16) / cols.max(1)).max(1);
+        out.par_chunks_mut(chunk_rows * format.bytes_for(cols).max(1))
+            .zip(raw.par_chunks(chunk_rows * from.bytes_for(cols).max(1)))
             .for_each(|(dst, src)| {
-                let mut values = vec![0f32; src.len() / from.size()];
+                let mut values = vec![0f32; dst.len() / format.bytes_for(1)];
                 widen(from, src, &mut values);
                 narrow(format, &values, dst);
             });
@@ -161,7 +174,12 @@ impl HostMatrix {
 
     /// Bytes held (mapped or owned).
     pub fn size_bytes(&self) -> usize {
-        self.rows * self.cols * self.format.size()
+        self.rows * self.format.bytes_for(self.cols)
+    }
+
+    /// The stored bytes (`rows` rows of `format.bytes_for(cols)`).
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
     }
 
     /// Every value as f32, row-major (tests and the generic path; the kernels read rows).
@@ -175,7 +193,23 @@ impl HostMatrix {
 impl RowSource for HostMatrix {
     fn read_row(&self, i: usize, c0: usize, out: &mut [f32]) {
         debug_assert!(i < self.rows && c0 + out.len() <= self.cols);
-        let size = self.format.size();
+        if let HostFormat::Quantized(ty) = self.format {
+            let (bs, bb) = (ty.block_size(), ty.block_bytes());
+            let row_bytes = self.format.bytes_for(self.cols);
+            let row = &self.storage.bytes()[i * row_bytes..(i + 1) * row_bytes];
+            let (first, last) = (c0 / bs, (c0 + out.len()).div_ceil(bs));
+            if c0 % bs == 0 && out.len() % bs == 0 {
+                dequantize_into(ty, &row[first * bb..last * bb], out);
+            } else {
+                // Not on block boundaries (the kernels always are): decode the covering blocks.
+                let mut blocks = vec![0f32; (last - first) * bs];
+                dequantize_into(ty, &row[first * bb..last * bb], &mut blocks);
+                let len = out.len();
+                out.copy_from_slice(&blocks[c0 - first * bs..][..len]);
+            }
+            return;
+        }
+        let size = self.format.bytes_for(1);
         let start = (i * self.cols + c0) * size;
         widen(
             self.format,
@@ -185,9 +219,10 @@ impl RowSource for HostMatrix {
     }
 }
 
-/// Little-endian stored values to f32 (exact for every format).
+/// Little-endian stored values to f32 (exact for every format; whole blocks when quantized).
 pub(crate) fn widen(format: HostFormat, src: &[u8], out: &mut [f32]) {
     match format {
+        HostFormat::Quantized(ty) => dequantize_into(ty, src, out),
         HostFormat::F32 => bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(src),
         HostFormat::BF16 => match bytemuck::try_cast_slice::<u8, u16>(src) {
             Ok(bits) => {
@@ -218,6 +253,7 @@ pub(crate) fn widen(format: HostFormat, src: &[u8], out: &mut [f32]) {
 /// f32 to stored values, rounding to nearest even.
 fn narrow(format: HostFormat, values: &[f32], dst: &mut [u8]) {
     match format {
+        HostFormat::Quantized(_) => unreachable!("checked by the caller"),
         HostFormat::F32 => dst.copy_from_slice(bytemuck::cast_slice(values)),
         HostFormat::BF16 => {
             for (d, &v) in dst.chunks_exact_mut(2).zip(values) {

@@ -92,6 +92,12 @@ fn with_operand<B: Host, const D: usize, R>(
         Stored::Device(t) => with_f32(t, |values| {
             f(Operand::Strided(MatRef::row_major(values, t.dims()[D - 1])))
         }),
+        Stored::Quantized(q) => {
+            let t = q.dequantize(DType::F32);
+            with_f32(&t, |values| {
+                f(Operand::Strided(MatRef::row_major(values, q.cols())))
+            })
+        }
     }
 }
 

@@ -1,0 +1,201 @@
+//! GGUF files against the reference tools (`tests/fixtures/make_gguf_fixtures.py`): every ggml
+//! type dequantized bit for bit as gguf-py does it, on blocks made by ggml's own quantizer; tiny
+//! Z-Image transformers in the city96 and stable-diffusion.cpp flavours against diffusers'
+//! GGUF loader; a tiny Qwen3 written by llama.cpp's `convert_hf_to_gguf.py` against transformers.
+
+use zimage_test_support as common;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use burn::tensor::DType;
+use common::pipeline::{copy_dir, load_png, model_folder, psnr, LATENTS_REL_L2, MIN_PSNR_DB};
+use common::{errors, fixtures, to_vec, Case, B};
+use zimage_nn::host::gemm::RowSource;
+use zimage_nn::host::{HostFormat, HostMatrix};
+use zimage_nn::quant::GgmlType;
+use zimage_nn::{Checkpoint, QuantizedMatrix, StoredDtype};
+use zimage_pipeline::{ModelFiles, ZImagePipeline};
+
+fn gguf_fixtures() -> PathBuf {
+    fixtures().join("gguf")
+}
+
+/// The same bits (so -0.0 and 0.0 differ, and NaNs compare by pattern).
+fn assert_bits(got: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert_eq!(g.to_bits(), e.to_bits(), "{what}[{i}]: {g} vs {e}");
+    }
+}
+
+#[test]
+fn every_ggml_type_dequantizes_as_gguf_py_does() {
+    let dir = gguf_fixtures().join("quants");
+    let ck = Checkpoint::open(dir.join("blocks.gguf")).expect("blocks.gguf");
+    let expected = Case::open(dir.join("expected.safetensors"));
+    let device = Default::default();
+    for ty in GgmlType::ALL {
+        let name = ty.name().to_lowercase();
+        let entry = ck
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} in blocks.gguf"));
+        let (want, shape) = expected.values(&name);
+        assert_eq!(entry.shape, shape, "{name}");
+        match entry.dtype {
+            StoredDtype::Quantized(t) => assert_eq!(t, ty),
+            other => assert!(ty.is_float(), "{name} read as {other}"),
+        }
+        // Read whole (what norms and biases get), and row by row through the host kernels'
+        // reader, on block boundaries and off them.
+        let read = ck.read(&name, None, DType::F32).unwrap();
+        assert_bits(&read.to_vec::<f32>().unwrap(), &want, &name);
+        let (rows, cols) = (shape[0], shape[1]);
+        let raw = ck.raw(&name, None).unwrap();
+        let format = HostFormat::from_stored(raw.dtype).unwrap();
+        let matrix = HostMatrix::mapped(rows, cols, format, raw.bytes.clone());
+        for (c0, len) in [(0, cols), (256, 256), (5, 100), (250, 20)] {
+            let mut row = vec![0f32; len];
+            matrix.read_row(rows - 1, c0, &mut row);
+            let at = (rows - 1) * cols + c0;
+            assert_bits(&row, &want[at..at + len], &format!("{name} row {c0}+{len}"));
+        }
+        // Rows can be taken without decoding (a fused qkv is split this way).
+        let last = ck.read(&name, Some(rows - 1..rows), DType::F32).unwrap();
+        assert_bits(
+            &last.to_vec::<f32>().unwrap(),
+            &want[(rows - 1) * cols..],
+            &format!("{name} last row"),
+        );
+        // The device form, dequantized with tensor ops.
+        if !ty.is_float() {
+            let q = QuantizedMatrix::<B>::from_blocks(ty, raw.bytes.bytes(), rows, cols, &device);
+            assert_bits(
+                &to_vec(q.dequantize(DType::F32)),
+                &want,
+                &format!("{name} device"),
+            );
+        }
+    }
+}
+
+/// The tiny pipeline's folder with the transformer's weights removed and the GGUF transformer's
+/// config in their place: only the GGUF file can make the image.
+fn folder_for_gguf_transformer() -> PathBuf {
+    let dir = common::scratch("gguf-pipeline");
+    copy_dir(&model_folder(), &dir);
+    let transformer = dir.join("transformer");
+    std::fs::remove_dir_all(&transformer).unwrap();
+    std::fs::create_dir_all(&transformer).unwrap();
+    std::fs::copy(
+        gguf_fixtures().join("transformer/config.json"),
+        transformer.join("config.json"),
+    )
+    .unwrap();
+    dir
+}
+
+#[derive(serde::Deserialize)]
+struct TransformerCase {
+    name: String,
+    gguf: String,
+    args: serde_json::Value,
+    expected: String,
+    latents: String,
+}
+
+fn transformer_cases() -> Vec<TransformerCase> {
+    let text = std::fs::read_to_string(gguf_fixtures().join("transformer/cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn gguf_transformers_make_diffusers_images() {
+    let folder = folder_for_gguf_transformer();
+    let cases = transformer_cases();
+    let kinds: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.gguf.as_str()).collect();
+    assert!(kinds.len() >= 3, "{kinds:?}");
+    common::on_both_paths(|path| {
+        let device = Default::default();
+        for gguf in &kinds {
+            let file = gguf_fixtures().join("transformer").join(gguf);
+            let files = ModelFiles::open(&folder)
+                .unwrap()
+                .with_transformer_file(&file)
+                .unwrap();
+            let mut pipeline =
+                ZImagePipeline::<B>::new(files, &device, DType::F32).expect("pipeline");
+            for case in cases.iter().filter(|c| &c.gguf == gguf) {
+                let a = &case.args;
+                let mut o = pipeline.options(a["prompt"].as_str().unwrap().to_string());
+                if let Some(n) = a["negative_prompt"].as_str() {
+                    o.negative_prompts = Some(vec![n.to_string()]);
+                }
+                o.num_inference_steps = a["num_inference_steps"].as_u64().unwrap() as usize;
+                o.guidance_scale = a["guidance_scale"].as_f64().unwrap() as f32;
+                o.seed = a["seed"].as_u64().unwrap();
+                o.width = a["width"].as_u64().unwrap() as usize;
+                o.height = a["height"].as_u64().unwrap() as usize;
+                let out = pipeline
+                    .generate(&o, &mut |_| ControlFlow::Continue(()))
+                    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+                let dir = gguf_fixtures().join("transformer");
+                let latents = Case::open(dir.join(&case.latents));
+                let (rel, _) = errors(&to_vec(out.latents.clone()), &latents.values("latents").0);
+                let db = psnr(&out.images[0], &load_png(&dir.join(&case.expected)));
+                println!(
+                    "{path:?} {gguf} {}: latents rel L2 {rel:.2e}, PSNR {db:.1} dB",
+                    case.name
+                );
+                assert!(
+                    rel <= LATENTS_REL_L2,
+                    "{path:?} {}: latents rel L2 {rel:.2e}",
+                    case.name
+                );
+                assert!(db >= MIN_PSNR_DB, "{path:?} {}: PSNR {db:.1} dB", case.name);
+            }
+        }
+    });
+}
+
+#[test]
+fn llama_cpp_qwen3_ggufs_give_transformers_features() {
+    let dir = gguf_fixtures().join("qwen3");
+    common::on_both_paths(|path| {
+        let device = Default::default();
+        for (file, key) in [
+            ("qwen3_f32.gguf", "features_f32"),
+            ("qwen3_q8_0.gguf", "features_q8_0"),
+        ] {
+            let ck = Checkpoint::open(dir.join(file)).unwrap();
+            // The config comes from the GGUF's own metadata.
+            let config = zimage_text::Qwen3Config::from_gguf(&ck)
+                .expect("a qwen3 GGUF")
+                .unwrap();
+            let model =
+                zimage_text::Qwen3TextEncoder::<B>::load(&config, ck, &device, DType::F32).unwrap();
+            let mut cases: Vec<PathBuf> = std::fs::read_dir(dir.join("cases"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            cases.sort();
+            assert!(!cases.is_empty());
+            for case_path in cases {
+                let case = Case::open(case_path.clone());
+                let n = case.count("ids");
+                let batch: Vec<Vec<u32>> = (0..n).map(|i| case.ids(&format!("ids.{i}"))).collect();
+                let out = model.encode(&batch).unwrap();
+                for (i, features) in out.into_iter().enumerate() {
+                    let (expected, shape) = case.values(&format!("{key}.{i}"));
+                    assert_eq!(features.dims().to_vec(), shape);
+                    let (rel, max) = errors(&to_vec(features), &expected);
+                    println!(
+                        "{path:?} {file} {}[{i}]: rel L2 {rel:.2e}, max abs {max:.2e}",
+                        case_path.display()
+                    );
+                    assert!(rel < 1e-5, "{path:?} {file}: rel L2 {rel:.2e}");
+                }
+            }
+        }
+    });
+}
