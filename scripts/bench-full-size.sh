@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 DIR=${1:-/work/synth/comfy}
 SIZES=${SIZES:-"512 1024"}
 STEPS=${STEPS:-2}
-ZIMAGE=${ZIMAGE:-${CARGO_TARGET_DIR:-target}/release/zimage}
+TARGET=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+ZIMAGE=${ZIMAGE:-$TARGET/release/zimage}
 
 if [ ! -d "$DIR/split_files" ]; then
     cargo run --release -p xtask -- synth-checkpoint --layout comfy --dtype bf16 --out "$DIR"

@@ -128,7 +128,8 @@ impl WeightMap {
                         report
                             .wrong_dtype
                             .push((tensor.name.clone(), entry.dtype.to_string()));
-                    } else if &actual != shape {
+                    } else if squeezed(&actual) != squeezed(shape) {
+                        // Unit dimensions may differ: `tensor` takes them either way.
                         report.wrong_shape.push(ShapeMismatch {
                             tensor: tensor.name.clone(),
                             expected: shape.clone(),
@@ -416,10 +417,16 @@ impl<'a, B: ZBackend> Weights<'a, B> {
             }
             Source::Map(map) => {
                 self.check_fits(&path, &shape, self.dtype())?;
-                let tensor = self.lookup(map, &path, &shape)?;
-                let data = map
-                    .checkpoint
-                    .read(&tensor.name, tensor.rows.clone(), self.dtype())?;
+                // Vectors and tokens are taken with unit dimensions added or dropped
+                // (stable-diffusion.cpp stores `x_pad_token`, `[1, dim]`, as `[dim]`).
+                let tensor = match map.shape_of(&path) {
+                    Some((actual, tensor, _)) if squeezed(&actual) == squeezed(&shape) => tensor,
+                    _ => self.lookup(map, &path, &shape)?,
+                };
+                let mut data =
+                    map.checkpoint
+                        .read(&tensor.name, tensor.rows.clone(), self.dtype())?;
+                data.shape = burn::tensor::Shape::from(shape);
                 Ok(Tensor::from_data(data, options))
             }
         }
@@ -661,4 +668,9 @@ fn transpose_2d(data: &TensorData, rows: usize, cols: usize) -> TensorData {
         }
     }
     TensorData::from_bytes_vec(out, [cols, rows], dtype)
+}
+
+/// `shape` without its unit dimensions.
+fn squeezed(shape: &[usize]) -> Vec<usize> {
+    shape.iter().copied().filter(|&d| d != 1).collect()
 }
