@@ -32,6 +32,8 @@ pub enum Stage {
     Dit,
     Vae,
     Image,
+    /// Merging a random LoRA into every DiT Linear, and taking it off again.
+    Lora,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -55,6 +57,9 @@ pub struct BenchArgs {
     /// [default: bf16 on cuda, f32 elsewhere]
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeChoice>,
+    /// Rank of the random LoRA the `lora` stage merges.
+    #[arg(long, default_value_t = 32)]
+    pub lora_rank: usize,
     /// One JSON object per measurement on stdout.
     #[arg(long)]
     pub json: bool,
@@ -246,7 +251,7 @@ fn bench<B: ZBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Result<(
     }
 
     let dit_needed = wants(Stage::Dit) || wants(Stage::Image);
-    let dit = if dit_needed {
+    let mut dit = if dit_needed {
         Some(ZImageTransformer2DModel::<B>::random(
             &m.dit, &device, dtype,
         )?)
@@ -288,6 +293,11 @@ fn bench<B: ZBackend>(args: &BenchArgs, dtype: DType, backend: &str) -> Result<(
                 &mut t,
             );
         }
+    }
+
+    // Only when asked for: with the published shapes it makes its own bf16 DiT.
+    if args.only.contains(&Stage::Lora) {
+        bench_lora::<B>(&r, &m.dit, &mut dit, &device, dtype, args.lora_rank, runs)?;
     }
 
     let vae = if wants(Stage::Vae) || wants(Stage::Image) {
@@ -356,4 +366,103 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Time to merge a random rank-`rank` LoRA on every Linear of the DiT (as `--lora` does at load)
+/// and to take it off. Without a DiT from the earlier stages, one is made with bf16 weights (the
+/// published files' precision; what fits a CPU machine).
+fn bench_lora<B: ZBackend>(
+    r: &Reporter<'_>,
+    config: &ZImageTransformerConfig,
+    dit: &mut Option<ZImageTransformer2DModel<B>>,
+    device: &B::Device,
+    dtype: DType,
+    rank: usize,
+    runs: usize,
+) -> Result<()> {
+    use std::sync::Arc;
+    use zimage_lora::{AdapterKind, AdapterModule, LoraAdapter, Matrix};
+    if dit.is_none() {
+        let precision = zimage_nn::Precision::from(dtype).with_weights(Some(DType::BF16));
+        *dit = Some(ZImageTransformer2DModel::<B>::random(
+            config, device, precision,
+        )?);
+    }
+    let dit = dit.as_mut().expect("made above");
+    let targets = ZImageTransformer2DModel::<B>::adapter_targets(config, device)?;
+    let mut seed = 0x2545_f491u32;
+    let mut noise = |n: usize, std: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                (seed as f32 / u32::MAX as f32 - 0.5) * std
+            })
+            .collect()
+    };
+    let modules: Vec<AdapterModule> = targets
+        .iter()
+        .filter(|t| t.parts.len() == 1 && t.parts[0].0 == t.name)
+        .map(|t| {
+            let [out, inp] = t.shape;
+            AdapterModule {
+                name: t.name.clone(),
+                kind: AdapterKind::LoRA {
+                    down: Matrix {
+                        rows: rank,
+                        cols: inp,
+                        values: noise(rank * inp, 0.02),
+                    },
+                    up: Matrix {
+                        rows: out,
+                        cols: rank,
+                        values: noise(out * rank, 0.02),
+                    },
+                },
+                alpha: Some(rank as f32),
+                rank_stabilized: false,
+            }
+        })
+        .collect();
+    let layers = modules.len();
+    let adapter = Arc::new(LoraAdapter::new("random.safetensors".into(), modules));
+    let resolved = zimage_lora::resolve(&[(adapter, 1.0)], &targets)?;
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("the device failed: {e}"));
+    let dtype_of = dit.dtype();
+    let (mut merge, mut apply, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs.clamp(1, 3) {
+        // Merging every Linear, one at a time, each taken off before the next: the merge's
+        // cost at this size without holding a second copy of the weights (these random weights
+        // are not a file's mapped pages, so set_adapters runs the change beside them).
+        let mut total = 0.0;
+        let mut failed = None;
+        dit.for_each_linear(&mut |path, linear| {
+            let delta = resolved.delta(path);
+            let start = Instant::now();
+            linear.apply_delta(delta.as_ref(), true, device, dtype_of);
+            if let Err(e) = sync() {
+                failed = Some(e);
+            }
+            total += start.elapsed().as_secs_f64() * 1e3;
+            linear.apply_delta(None, false, device, dtype_of);
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        merge.push(total);
+        let start = Instant::now();
+        dit.set_adapters(&resolved);
+        sync()?;
+        apply.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        dit.set_adapters(&zimage_lora::Resolved::none());
+        sync()?;
+        restore.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let what = format!("rank {rank}, {layers} Linears");
+    r.report("lora-merge", &format!("{what}, merged"), &mut merge);
+    r.report("lora-apply", &format!("{what}, set_adapters"), &mut apply);
+    r.report("lora-restore", &what, &mut restore);
+    Ok(())
 }

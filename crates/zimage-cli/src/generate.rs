@@ -1,11 +1,13 @@
 //! `zimage generate`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
+use zimage_lora::LoraAdapter;
 use zimage_nn::{Precision, ZBackend};
 use zimage_pipeline::memory::{self, gib};
 use zimage_pipeline::{InitImage, ModelFiles, Variant, ZImagePipeline};
@@ -80,6 +82,14 @@ pub struct GenerateArgs {
     /// Custom sigmas before shifting, comma-separated (replaces the default schedule).
     #[arg(long, value_delimiter = ',')]
     pub sigmas: Option<Vec<f32>>,
+    /// The flow-matching shift [default: the scheduler config's, 3 for Turbo]; few-step LoRAs
+    /// and their derivatives name the one they were trained with.
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// A LoRA / LoKr / LoHa adapter (diffusers/PEFT, kohya, ai-toolkit, ComfyUI, LyCORIS
+    /// formats) with an optional scale, FILE[:SCALE] (1 by default); repeat for several.
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub lora: Vec<(PathBuf, f32)>,
     /// Start from this image (image-to-image, or inpainting with --mask).
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -145,6 +155,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
+    if let Some(shift) = args.shift {
+        if !(shift > 0.0 && shift.is_finite()) {
+            bail!("--shift {shift} is not a positive number");
+        }
+    }
+    // Adapters are read (and their format checked) before any model loads.
+    let adapters = args
+        .lora
+        .iter()
+        .map(|(file, scale)| {
+            LoraAdapter::open(file)
+                .map(|a| (Arc::new(a), *scale))
+                .with_context(|| format!("--lora {}", file.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     output::Format::of(&args.output)?;
     let backend = backend::resolve(args.backend)?;
     let dtype = args
@@ -159,6 +184,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     with_backend!(backend, |B| generate::<B>(
         &args,
         files,
+        adapters.clone(),
         dtype,
         backend.name()
     ))
@@ -224,9 +250,14 @@ fn load_image(path: &PathBuf) -> Result<image::DynamicImage> {
     image::open(path).with_context(|| format!("cannot read image {}", path.display()))
 }
 
+fn parse_lora(spec: &str) -> std::result::Result<(PathBuf, f32), String> {
+    zimage_lora::parse_spec(spec)
+}
+
 fn generate<B: ZBackend>(
     args: &GenerateArgs,
     files: ModelFiles,
+    adapters: Vec<(Arc<LoraAdapter>, f32)>,
     dtype: DType,
     backend: &str,
 ) -> Result<()> {
@@ -239,6 +270,22 @@ fn generate<B: ZBackend>(
     let precision = Precision::from(dtype).with_weights(args.weights_dtype.map(DtypeChoice::dtype));
     let mut pipeline =
         ZImagePipeline::<B>::new(files, &device, precision)?.keep_models(args.keep_models);
+    if !adapters.is_empty() {
+        let reports = pipeline.set_adapters(adapters)?;
+        if !args.quiet {
+            for report in reports {
+                eprintln!(
+                    "LoRA {} at {}: {} modules",
+                    report.file.display(),
+                    report.scale,
+                    report.applied
+                );
+                for ignored in &report.ignored {
+                    eprintln!("  not applied: {ignored}");
+                }
+            }
+        }
+    }
     let mut options = pipeline.options(args.prompt[0].clone());
     options.prompts = args.prompt.clone();
     let multiple = pipeline.size_multiple();
@@ -279,6 +326,7 @@ fn generate<B: ZBackend>(
     options.num_images_per_prompt = args.num_images;
     options.max_sequence_length = args.max_sequence_length;
     options.sigmas = args.sigmas.clone();
+    options.shift = args.shift;
     options.seed = args.seed.unwrap_or_else(random_seed);
     if let Some(tile) = args.vae_tile {
         options.vae_tiling = Some(TilingConfig::for_sample_size(tile, pipeline.vae_config()));
@@ -321,6 +369,8 @@ fn generate<B: ZBackend>(
         "cfg_truncation": options.cfg_truncation,
         "seed": options.seed,
         "strength": options.init_image.as_ref().map(|i| i.strength),
+        "shift": options.shift,
+        "loras": args.lora.iter().map(|(f, s)| serde_json::json!({"file": f.file_name().map(|n| n.to_string_lossy().into_owned()), "scale": s})).collect::<Vec<_>>(),
         "model": args.model.as_deref().unwrap_or(if args.transformer.is_some() && args.text_encoder.is_some() && args.vae.is_some() { "single files" } else { zimage_hub::DEFAULT_MODEL }),
         "variant": pipeline.variant().name(),
         "backend": backend,

@@ -110,7 +110,12 @@ fn reproduces_every_diffusers_case_from_the_seed() {
 
 /// The command fails with exactly one line on stderr containing `needle`, and writes nothing.
 fn refused(args: &[&str], needle: &str) {
-    let dir = scratch("refused");
+    refused_in("refused", args, needle)
+}
+
+/// [`refused`] with its own scratch folder (tests run in parallel; one folder each).
+fn refused_in(folder: &str, args: &[&str], needle: &str) {
+    let dir = scratch(folder);
     let output = dir.join("out.png");
     let mut all: Vec<&str> = args.to_vec();
     let output_arg = output.display().to_string();
@@ -311,4 +316,66 @@ fn bench_reports_a_failing_pass() {
         "32",
     ]);
     assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("median"));
+}
+
+/// Two adapters at their scales (`--lora FILE:SCALE`, repeated) give diffusers' image of
+/// `pipe.load_lora_weights` with `set_adapters(..., [0.7, -0.5])`.
+#[test]
+fn loras_on_the_command_line_make_diffusers_images() {
+    let dir = fixtures().join("lora");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let case = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "peft_0.7_kohya_-0.5")
+        .expect("the two-adapter case");
+    let output = scratch("cli-lora").join("two.png");
+    let mut args = arguments(&case["args"], &model_folder(), &output);
+    for adapter in case["adapters"].as_array().unwrap() {
+        args.push("--lora".into());
+        args.push(format!(
+            "{}:{}",
+            dir.join(adapter["file"].as_str().unwrap()).display(),
+            adapter["scale"]
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = zimage(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let expected = load_png(&dir.join(case["expected"][0].as_str().unwrap()));
+    let db = psnr(&load_png(&output), &expected);
+    println!("--lora peft:0.7 --lora kohya:-0.5: PSNR {db:.1} dB");
+    assert!(db >= MIN_PSNR_DB, "PSNR {db:.1} dB");
+}
+
+#[test]
+fn bad_adapters_get_one_line() {
+    let m = model_folder().display().to_string();
+    let dir = fixtures().join("lora");
+    let not_a_lora = dir.join("not_a_lora.safetensors").display().to_string();
+    let base = [
+        "generate", "--model", &m, "-p", "x", "--width", "64", "--height", "64",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    for (extra, needle) in [
+        (vec!["--lora", not_a_lora.as_str()], "is not a LoRA"),
+        (
+            vec!["--lora", "/nonexistent/a.safetensors:0.5"],
+            "/nonexistent/a.safetensors",
+        ),
+        (vec!["--lora", ":0.5"], "no file before the scale"),
+        (vec!["--shift", "0"], "--shift 0 is not a positive number"),
+    ] {
+        let args = with(&extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_in("refused-lora", &args, needle);
+    }
 }

@@ -31,6 +31,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Text(#[from] zimage_text::TextError),
     #[error(transparent)]
+    Lora(#[from] zimage_lora::LoraError),
+    #[error(transparent)]
     Scheduler(#[from] zimage_scheduler::SchedulerError),
     /// A request the pipeline cannot run (bad size, strength, counts...).
     #[error("{0}")]

@@ -30,3 +30,5 @@ pub use generator::{NoiseDtype, TorchGenerator};
 pub use memory::MemoryEstimate;
 pub use options::{GenerateOptions, InitImage, Stage};
 pub use pipeline::{Event, Generation, ZImagePipeline};
+/// Adapters: read with [`zimage_lora::LoraAdapter::open`], given with [`ZImagePipeline::set_adapters`].
+pub use zimage_lora;

@@ -45,6 +45,9 @@ pub struct GenerateOptions {
     pub max_sequence_length: usize,
     /// Custom sigmas (before shifting) instead of Z-Image's `linspace(1, 1/N, N)`.
     pub sigmas: Option<Vec<f32>>,
+    /// The flow-matching shift in place of the scheduler config's (3 for Turbo), as few-step
+    /// LoRAs and their derivatives ask for; it turns dynamic shifting off.
+    pub shift: Option<f64>,
     pub num_images_per_prompt: usize,
     /// Seed of the torch-compatible CPU generator.
     pub seed: u64,
@@ -69,6 +72,7 @@ impl GenerateOptions {
             cfg_truncation: 1.0,
             max_sequence_length: 512,
             sigmas: None,
+            shift: None,
             num_images_per_prompt: 1,
             seed: 0,
             init_image: None,

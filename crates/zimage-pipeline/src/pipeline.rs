@@ -1,4 +1,5 @@
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zimage_nn::ZBackend;
 
@@ -14,6 +15,7 @@ use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
 use zimage_transformer::ZImageTransformer2DModel;
 use zimage_vae::AutoencoderKL;
 
+use zimage_lora::{AdapterReport, LoraAdapter, Resolved};
 use zimage_nn::{Checkpoint, Precision};
 
 use crate::memory::{MemoryEstimate, StageMemory};
@@ -70,6 +72,8 @@ pub struct ZImagePipeline<B: ZBackend> {
     text_encoder: Option<Qwen3TextEncoder<B>>,
     transformer: Option<ZImageTransformer2DModel<B>>,
     vae: Option<AutoencoderKL<B>>,
+    /// Adapters matched to the transformer, applied whenever it is loaded.
+    adapters: Resolved,
 }
 
 impl<B: ZBackend> ZImagePipeline<B> {
@@ -99,7 +103,31 @@ impl<B: ZBackend> ZImagePipeline<B> {
             text_encoder: None,
             transformer: None,
             vae: None,
+            adapters: Resolved::none(),
         })
+    }
+
+    /// Sets the adapters (LoRA, LoKr, LoHa; each with its scale) the transformer runs with, in
+    /// place of the previous set; an empty list removes them, restoring the weights exactly.
+    /// They are matched to the transformer now (every module that names no layer, or has the
+    /// wrong shape, is an error before anything changes) and applied to the resident
+    /// transformer at once, or when it is next loaded; nothing is reloaded.
+    pub fn set_adapters(
+        &mut self,
+        adapters: Vec<(Arc<LoraAdapter>, f32)>,
+    ) -> Result<&[AdapterReport], PipelineError> {
+        let targets =
+            ZImageTransformer2DModel::<B>::adapter_targets(&self.transformer_config, &self.device)?;
+        self.adapters = zimage_lora::resolve(&adapters, &targets)?;
+        if let Some(transformer) = &mut self.transformer {
+            transformer.set_adapters(&self.adapters);
+        }
+        Ok(self.adapters.reports())
+    }
+
+    /// The adapters set with [`Self::set_adapters`].
+    pub fn adapters(&self) -> &Resolved {
+        &self.adapters
     }
 
     /// Loads weights in `precision` from now on (components already loaded are dropped).
@@ -262,12 +290,12 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 &self.device,
                 self.precision,
             );
-            self.transformer = Some(published(
-                loaded,
-                &self.sources[0],
-                "Z-Image transformer",
-                &file,
-            )?);
+            let mut transformer =
+                published(loaded, &self.sources[0], "Z-Image transformer", &file)?;
+            if !self.adapters.is_empty() {
+                transformer.set_adapters(&self.adapters);
+            }
+            self.transformer = Some(transformer);
             let _ = events(Event::Loaded {
                 stage: Stage::LoadingTransformer,
                 elapsed: start.elapsed(),
@@ -363,11 +391,16 @@ impl<B: ZBackend> ZImagePipeline<B> {
             .unwrap_or(self.precision.compute);
 
         // Schedule: Z-Image's sigmas (or the caller's), shifted; img2img starts part-way.
-        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
+        let mut scheduler_config = self.scheduler_config.clone();
+        if let Some(shift) = options.shift {
+            scheduler_config.shift = shift;
+            scheduler_config.use_dynamic_shifting = false;
+        }
         let mu = calculate_shift(
             plan.latent_height / 2 * (plan.latent_width / 2),
-            &self.scheduler_config,
+            &scheduler_config,
         );
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(scheduler_config)?;
         let sigmas = options
             .sigmas
             .clone()

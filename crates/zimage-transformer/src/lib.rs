@@ -10,6 +10,7 @@
 //! # Ok::<(), zimage_transformer::TransformerError>(())
 //! ```
 
+mod adapters;
 mod block;
 pub mod checkpoint;
 mod config;

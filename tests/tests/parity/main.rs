@@ -7,6 +7,7 @@
 mod device_limits;
 mod gguf;
 mod gpu_backends;
+mod lora;
 mod pipeline_parity;
 mod rng;
 mod scheduler;

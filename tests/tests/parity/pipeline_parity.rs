@@ -48,3 +48,53 @@ fn every_recorded_case_matches_diffusers() {
         println!("{path:?}: worst PSNR {worst_db:.1} dB, worst latents rel L2 {worst_rel:.2e}");
     });
 }
+
+/// `shift` replaces the scheduler config's: shift S over sigmas σ is shift 1 over
+/// `S σ / (1 + (S - 1) σ)`, and another shift gives another picture.
+#[test]
+fn shift_replaces_the_scheduler_configs() {
+    let device = Default::default();
+    let files = ModelFiles::open(model_folder()).expect("model folder");
+    let mut pipeline = ZImagePipeline::<B>::new(files, &device, DType::F32)
+        .unwrap()
+        .keep_models(true);
+    let mut options = pipeline.options("a cat holding a sign");
+    (
+        options.width,
+        options.height,
+        options.num_inference_steps,
+        options.seed,
+    ) = (64, 64, 3, 5);
+    let mut run = |options: &zimage_pipeline::GenerateOptions| {
+        to_vec(
+            pipeline
+                .generate(options, &mut |_| ControlFlow::Continue(()))
+                .unwrap()
+                .latents,
+        )
+    };
+    let default = run(&options);
+    let shift = 6.0f32;
+    let sigmas = zimage_scheduler::z_image_sigmas(3);
+    let mut shifted = options.clone();
+    shifted.shift = Some(shift as f64);
+    let six = run(&shifted);
+    let mut by_hand = options.clone();
+    by_hand.shift = Some(1.0);
+    by_hand.sigmas = Some(
+        sigmas
+            .iter()
+            .map(|&s| shift * s / (1.0 + (shift - 1.0) * s))
+            .collect(),
+    );
+    let (rel, _) = errors(&six, &run(&by_hand));
+    assert!(
+        rel < 1e-5,
+        "shift 6 vs shift 1 on shifted sigmas: rel L2 {rel:.2e}"
+    );
+    let (rel, _) = errors(&six, &default);
+    assert!(rel > 1e-3, "shift 6 vs the config's 3: rel L2 {rel:.2e}");
+    let mut three = options.clone();
+    three.shift = Some(3.0);
+    assert_eq!(run(&three), default, "shift 3 is the tiny config's");
+}
