@@ -1,4 +1,4 @@
-//! `cargo xtask convert --dtype q8_0|q5_1|q5_0|q4_1|q4_0`: GGUF files that ComfyUI-GGUF,
+//! `cargo xtask convert --dtype q8_0|q6_k|q5_k|q5_1|q5_0|q4_k|q4_1|q4_0`: GGUF files that ComfyUI-GGUF,
 //! stable-diffusion.cpp and zimage-rs read.
 //!
 //! - The transformer in city96's layout (ComfyUI-GGUF): `general.architecture = lumina2`, the
@@ -93,7 +93,7 @@ pub fn write(
                 if !o.ty.is_float() {
                     quantized += 1;
                 }
-                Ok(quantize(o.ty, &values).expect("the type is one we write"))
+                Ok(encode(o.ty, &values).expect("the type is one we write"))
             })?;
             eprintln!(
                 "{}: {} tensors, {quantized} as {ty}",
@@ -127,6 +127,22 @@ pub fn write(
         started.elapsed().as_secs_f64()
     );
     Ok(records)
+}
+
+/// The ggml types `--dtype` writes.
+pub const WRITTEN: &str = "q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1 or q4_0";
+
+pub fn can_write(ty: GgmlType) -> bool {
+    zimage_nn::quant::can_quantize(ty)
+        || matches!(ty, GgmlType::Q6_K | GgmlType::Q5_K | GgmlType::Q4_K)
+}
+
+/// `values` in `ty`: the K-quants by [`crate::kquant`], the rest by `zimage_nn::quant`.
+fn encode(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
+    match ty {
+        GgmlType::Q6_K | GgmlType::Q5_K | GgmlType::Q4_K => crate::kquant::quantize_k(ty, values),
+        _ => quantize(ty, values),
+    }
 }
 
 /// The type a tensor is written in: `ty`, or high precision (see the module docs).

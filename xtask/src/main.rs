@@ -6,6 +6,7 @@
 
 mod convert;
 mod gguf_out;
+mod kquant;
 mod synth;
 mod writer;
 
@@ -41,7 +42,7 @@ enum Command {
         /// Output folder (Hugging Face layout).
         #[arg(long)]
         out: PathBuf,
-        /// bf16, f16, f32 (a safetensors folder), or a ggml type: q8_0, q5_1, q5_0, q4_1, q4_0
+        /// bf16, f16, f32 (a safetensors folder), or a ggml type: q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0
         /// (GGUF files: the transformer in city96's layout, Qwen3 in llama.cpp's).
         #[arg(long, default_value = "bf16", value_parser = parse_convert_dtype)]
         dtype: ConvertDtype,
@@ -168,12 +169,14 @@ fn parse_convert_dtype(s: &str) -> Result<ConvertDtype, String> {
         return Ok(ConvertDtype::Float(d));
     }
     match zimage_nn::quant::GgmlType::from_name(s) {
-        Some(t) if !t.is_float() && zimage_nn::quant::can_quantize(t) => Ok(ConvertDtype::Gguf(t)),
+        Some(t) if !t.is_float() && gguf_out::can_write(t) => Ok(ConvertDtype::Gguf(t)),
         Some(t) => Err(format!(
-            "{t} files are read but not written yet; write q8_0, q5_1, q5_0, q4_1 or q4_0"
+            "{t} files are read but not written; write {}",
+            gguf_out::WRITTEN
         )),
         None => Err(format!(
-            "{s}: expected bf16, f16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0"
+            "{s}: expected bf16, f16, f32, {}",
+            gguf_out::WRITTEN
         )),
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use zimage_lora::LoraAdapter;
 use zimage_nn::{Precision, ZBackend};
 use zimage_pipeline::memory::{self, gib};
+use zimage_pipeline::record::{self, Provenance};
 use zimage_pipeline::{InitImage, ModelFiles, Variant, ZImagePipeline};
 use zimage_vae::TilingConfig;
 
@@ -24,11 +25,9 @@ pub enum VariantChoice {
     Base,
 }
 
+/// Where the model comes from: shared by `generate` and `serve`.
 #[derive(Debug, Clone, Args)]
-pub struct GenerateArgs {
-    /// What to draw; give it several times for a batch of prompts.
-    #[arg(long, short, required = true)]
-    pub prompt: Vec<String>,
+pub struct ModelArgs {
     /// A model folder in the Hugging Face layout (model_index.json, transformer/, text_encoder/,
     /// tokenizer/, vae/, scheduler/), or a Hub repo id (`owner/name[@revision]`), downloaded into
     /// the Hugging Face cache on first use (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply)
@@ -48,6 +47,34 @@ pub struct GenerateArgs {
     /// VAE weights from one file (diffusers names or BFL's ae.safetensors).
     #[arg(long, value_name = "FILE")]
     pub vae: Option<PathBuf>,
+    /// Turbo or base: sets the default steps and guidance [default: detected from the model]
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantChoice>,
+}
+
+impl ModelArgs {
+    /// The model as the PNG parameters name it.
+    pub fn label(&self) -> String {
+        match &self.model {
+            Some(model) => model.clone(),
+            None if self.transformer.is_some()
+                && self.text_encoder.is_some()
+                && self.vae.is_some() =>
+            {
+                "single files".into()
+            }
+            None => zimage_hub::DEFAULT_MODEL.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// What to draw; give it several times for a batch of prompts.
+    #[arg(long, short, required = true)]
+    pub prompt: Vec<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// What to steer away from (used when guidance is on), for every prompt.
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -99,6 +126,22 @@ pub struct GenerateArgs {
     /// Inpainting mask: white is repainted, black kept. Needs --image.
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// A Z-Image ControlNet (alibaba-pai's Fun-ControlNet-Union 1.0, 2.0 or 2.1 single file):
+    /// the generation follows --control-image. With --image and --mask it is ControlNet
+    /// inpainting (2.x files), which starts from noise (no --strength).
+    #[arg(long, value_name = "FILE")]
+    pub controlnet: Option<PathBuf>,
+    /// The control image (canny edges, HED, depth, pose, MLSD), as the ControlNet expects it;
+    /// --canny makes edges from a photograph first [default size of the output: this image's]
+    #[arg(long, value_name = "FILE")]
+    pub control_image: Option<PathBuf>,
+    /// How strongly the control steers (diffusers' controlnet_conditioning_scale).
+    #[arg(long, default_value_t = zimage_pipeline::ControlOptions::DEFAULT_SCALE, allow_negative_numbers = true)]
+    pub control_scale: f32,
+    /// Turn --control-image into canny edges first, with these hysteresis thresholds
+    /// (LOW,HIGH on the 0-255 gradient; imageproc's Canny, close to but not OpenCV's).
+    #[arg(long, value_name = "LOW,HIGH", num_args = 0..=1, default_missing_value = "100,200", value_parser = parse_thresholds)]
+    pub canny: Option<(f32, f32)>,
     /// Decode (and encode) with the VAE in tiles of this many pixels: less memory for large images.
     #[arg(long)]
     pub vae_tile: Option<usize>,
@@ -111,9 +154,6 @@ pub struct GenerateArgs {
     /// weights would not fit in memory]
     #[arg(long, value_enum)]
     pub weights_dtype: Option<DtypeChoice>,
-    /// Turbo or base: sets the default steps and guidance [default: detected from the model]
-    #[arg(long, value_enum)]
-    pub variant: Option<VariantChoice>,
     /// Run even when the memory estimate says the generation does not fit.
     #[arg(long)]
     pub force: bool,
@@ -152,6 +192,31 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
+    match (&args.controlnet, &args.control_image) {
+        (Some(_), None) => {
+            bail!("--controlnet needs --control-image (what the generation follows)")
+        }
+        (None, Some(_)) => bail!("--control-image needs --controlnet (the ControlNet weights)"),
+        (Some(_), Some(_)) => {
+            if args.image.is_some() && args.mask.is_none() {
+                bail!("--controlnet with --image needs --mask (ControlNet inpainting); ControlNet image-to-image does not exist in diffusers");
+            }
+            if args.strength.is_some() {
+                bail!("--strength does not apply to ControlNet generations (ControlNet inpainting starts from noise)");
+            }
+            if !args.control_scale.is_finite() {
+                bail!(
+                    "--control-scale {} is not a finite number",
+                    args.control_scale
+                );
+            }
+        }
+        (None, None) => {
+            if args.canny.is_some() {
+                bail!("--canny applies to --control-image (with --controlnet)");
+            }
+        }
+    }
     if args.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
@@ -180,7 +245,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(weights) = args.weights_dtype {
         backend.check_weights_dtype(weights.dtype())?;
     }
-    let files = open_model(&args)?;
+    let files = open_model(&args.model, args.quiet)?;
     with_backend!(backend, |B| generate::<B>(
         &args,
         files,
@@ -192,7 +257,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// The model's parts: a local folder or the Hub snapshot (only the weights no single file
 /// replaces are downloaded) with single files on top, or the single files alone.
-fn open_model(args: &GenerateArgs) -> Result<ModelFiles> {
+pub fn open_model(args: &ModelArgs, quiet: bool) -> Result<ModelFiles> {
     use zimage_hub::{Component, HubOptions};
     let singles = [&args.transformer, &args.text_encoder, &args.vae];
     let mut files = match &args.model {
@@ -200,7 +265,7 @@ fn open_model(args: &GenerateArgs) -> Result<ModelFiles> {
         model => {
             let spec = model.as_deref().unwrap_or(zimage_hub::DEFAULT_MODEL);
             let mut options = HubOptions::from_env();
-            if args.quiet {
+            if quiet {
                 options = options.quiet();
             }
             let needed: Vec<Component> = [
@@ -250,6 +315,18 @@ fn load_image(path: &PathBuf) -> Result<image::DynamicImage> {
     image::open(path).with_context(|| format!("cannot read image {}", path.display()))
 }
 
+fn parse_thresholds(spec: &str) -> std::result::Result<(f32, f32), String> {
+    let parsed = spec
+        .split_once(',')
+        .and_then(|(l, h)| Some((l.trim().parse::<f32>().ok()?, h.trim().parse::<f32>().ok()?)));
+    match parsed {
+        Some((low, high)) if low >= 0.0 && low <= high => Ok((low, high)),
+        _ => Err(format!(
+            "{spec:?} is not LOW,HIGH with 0 <= LOW <= HIGH (e.g. 100,200)"
+        )),
+    }
+}
+
 fn parse_lora(spec: &str) -> std::result::Result<(PathBuf, f32), String> {
     zimage_lora::parse_spec(spec)
 }
@@ -286,13 +363,53 @@ fn generate<B: ZBackend>(
             }
         }
     }
+    if let Some(file) = &args.controlnet {
+        // The error names the file.
+        let config = pipeline.set_controlnet(Some(file))?.cloned();
+        if let (Some(config), false) = (config, args.quiet) {
+            eprintln!(
+                "ControlNet {} ({} control layers)",
+                config.release(),
+                config.control_layers_places.len()
+            );
+        }
+    }
     let mut options = pipeline.options(args.prompt[0].clone());
     options.prompts = args.prompt.clone();
     let multiple = pipeline.size_multiple();
     if let Some(negative) = &args.negative_prompt {
         options.negative_prompts = Some(vec![negative.clone(); args.prompt.len()]);
     }
-    if let Some(path) = &args.image {
+    let control = match &args.control_image {
+        Some(path) => {
+            let mut image = load_image(path)?.to_rgb8();
+            if let Some((low, high)) = args.canny {
+                image = zimage_pipeline::canny(&image, low, high)?;
+            }
+            Some(zimage_pipeline::ControlOptions {
+                image,
+                scale: args.control_scale,
+                inpaint: None,
+            })
+        }
+        None => None,
+    };
+    if let Some(mut control) = control {
+        // The output takes the control image's size, rounded down to the size multiple.
+        let (w, h) = (
+            control.image.width() as usize,
+            control.image.height() as usize,
+        );
+        options.width = args.width.unwrap_or(w / multiple * multiple);
+        options.height = args.height.unwrap_or(h / multiple * multiple);
+        if let (Some(image), Some(mask)) = (&args.image, &args.mask) {
+            control.inpaint = Some(zimage_pipeline::ControlInpaint {
+                image: load_image(image)?.to_rgb8(),
+                mask: zimage_pipeline::resize::to_gray(&load_image(mask)?),
+            });
+        }
+        options.control = Some(control);
+    } else if let Some(path) = &args.image {
         let image = load_image(path)?.to_rgb8();
         // diffusers' default: the input's own size, rounded down to the size multiple.
         let (w, h) = (image.width() as usize, image.height() as usize);
@@ -301,7 +418,7 @@ fn generate<B: ZBackend>(
         let mask = args
             .mask
             .as_ref()
-            .map(|m| load_image(m).map(|i| i.to_luma8()))
+            .map(|m| load_image(m).map(|i| zimage_pipeline::resize::to_gray(&i)))
             .transpose()?;
         let strength = args
             .strength
@@ -358,25 +475,30 @@ fn generate<B: ZBackend>(
     }
     drop(progress);
 
-    let parameters = serde_json::json!({
-        "prompt": if args.prompt.len() == 1 { serde_json::json!(args.prompt[0]) } else { serde_json::json!(args.prompt) },
-        "negative_prompt": args.negative_prompt,
-        "width": options.width,
-        "height": options.height,
-        "steps": options.num_inference_steps,
-        "guidance": options.guidance_scale,
-        "cfg_normalization": options.cfg_normalization,
-        "cfg_truncation": options.cfg_truncation,
-        "seed": options.seed,
-        "strength": options.init_image.as_ref().map(|i| i.strength),
-        "shift": options.shift,
-        "loras": args.lora.iter().map(|(f, s)| serde_json::json!({"file": f.file_name().map(|n| n.to_string_lossy().into_owned()), "scale": s})).collect::<Vec<_>>(),
-        "model": args.model.as_deref().unwrap_or(if args.transformer.is_some() && args.text_encoder.is_some() && args.vae.is_some() { "single files" } else { zimage_hub::DEFAULT_MODEL }),
-        "variant": pipeline.variant().name(),
-        "backend": backend,
-        "dtype": backend::dtype_name(dtype),
-        "generator": format!("zimage {}", env!("CARGO_PKG_VERSION")),
-    });
+    let provenance = Provenance {
+        model: args.model.label(),
+        variant: pipeline.variant(),
+        backend: backend.into(),
+        dtype: backend::dtype_name(dtype).into(),
+        loras: args
+            .lora
+            .iter()
+            .map(|(f, s)| {
+                (
+                    f.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    *s,
+                )
+            })
+            .collect(),
+        controlnet: args
+            .controlnet
+            .as_ref()
+            .and_then(|f| f.file_name())
+            .map(|n| n.to_string_lossy().into_owned()),
+    };
+    let parameters = record::parameters(&options, &provenance);
     for (image, path) in generation.images.iter().zip(&paths) {
         output::save(image, path, &parameters.to_string())?;
         println!("{}", path.display());

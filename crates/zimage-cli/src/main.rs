@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod output;
 mod progress;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt (optionally from an input image and a mask).
     Generate(generate::GenerateArgs),
+    /// Serve the model over HTTP: OpenAI Images, A1111 and native job APIs, and a web page.
+    Serve(serve::ServeArgs),
     /// Time the model's stages on random weights (nothing to download).
     Bench(bench::BenchArgs),
 }
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -87,18 +87,5 @@ pub fn save(image: &RgbImage, path: &Path, parameters: &str) -> Result<()> {
 }
 
 fn png_bytes(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    // UTF-8 (iTXt): prompts are often not Latin-1.
-    encoder
-        .add_itxt_chunk("parameters".into(), parameters.into())
-        .context("PNG text chunk")?;
-    let mut writer = encoder.write_header().context("PNG header")?;
-    writer
-        .write_image_data(image.as_raw())
-        .context("PNG data")?;
-    writer.finish().context("PNG end")?;
-    Ok(bytes)
+    zimage_pipeline::record::png_with_parameters(image, parameters).context("encoding PNG")
 }

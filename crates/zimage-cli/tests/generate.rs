@@ -379,3 +379,159 @@ fn bad_adapters_get_one_line() {
         refused_in("refused-lora", &args, needle);
     }
 }
+
+#[test]
+fn controlnets_on_the_command_line_make_diffusers_images() {
+    let dir = fixtures().join("controlnet");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let out = scratch("cli-controlnet");
+    for name in ["t2i_v2_1_scale", "inpaint_v2_1_scale_guidance", "t2i_v1"] {
+        let case = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .expect("the case");
+        let output = out.join(format!("{name}.png"));
+        let mut args = arguments(&case["args"], &model_folder(), &output);
+        args.extend([
+            "--controlnet".into(),
+            dir.join(format!(
+                "{}.safetensors",
+                case["controlnet"].as_str().unwrap()
+            ))
+            .display()
+            .to_string(),
+            "--control-image".into(),
+            dir.join(case["args"]["control_image"].as_str().unwrap())
+                .display()
+                .to_string(),
+        ]);
+        if let Some(scale) = case["args"].get("controlnet_conditioning_scale") {
+            args.extend(["--control-scale".into(), scale.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = zimage(&args);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let db = psnr(
+            &load_png(&output),
+            &load_png(&dir.join(case["expected"][0].as_str().unwrap())),
+        );
+        println!("--controlnet {name}: PSNR {db:.1} dB");
+        assert!(db >= MIN_PSNR_DB, "{name}: PSNR {db:.1} dB");
+        let text = String::from_utf8_lossy(&std::fs::read(&output).unwrap()).into_owned();
+        assert!(
+            text.contains("\"controlnet\":{"),
+            "the PNG records the ControlNet"
+        );
+    }
+}
+
+#[test]
+fn bad_controlnet_arguments_get_one_line() {
+    let m = model_folder().display().to_string();
+    let dir = fixtures().join("controlnet");
+    let control = dir.join("inputs/control.png").display().to_string();
+    let v2 = dir.join("v2_1.safetensors").display().to_string();
+    let v1 = dir.join("v1.safetensors").display().to_string();
+    let image = fixtures()
+        .join("pipeline/inputs/image.png")
+        .display()
+        .to_string();
+    let mask = fixtures()
+        .join("pipeline/inputs/mask.png")
+        .display()
+        .to_string();
+    let transformer = fixtures()
+        .join("pipeline/tiny/transformer/diffusion_pytorch_model-00001-of-00003.safetensors");
+    let transformer = transformer.display().to_string();
+    let base = [
+        "generate",
+        "--model",
+        &m,
+        "--backend",
+        "ndarray",
+        "--quiet",
+        "-p",
+        "a cat",
+        "--steps",
+        "1",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            with(&["--controlnet", &v2]),
+            "--controlnet needs --control-image",
+        ),
+        (
+            with(&["--control-image", &control]),
+            "--control-image needs --controlnet",
+        ),
+        (
+            with(&[
+                "--controlnet",
+                &v2,
+                "--control-image",
+                &control,
+                "--image",
+                &image,
+            ]),
+            "needs --mask",
+        ),
+        (
+            with(&[
+                "--controlnet",
+                &v2,
+                "--control-image",
+                &control,
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+                "--strength",
+                "0.5",
+            ]),
+            "--strength does not apply",
+        ),
+        (with(&["--canny"]), "--canny applies to --control-image"),
+        (
+            with(&[
+                "--controlnet",
+                &v2,
+                "--control-image",
+                &control,
+                "--canny",
+                "200,100",
+            ]),
+            "LOW,HIGH",
+        ),
+        (
+            with(&["--controlnet", &transformer, "--control-image", &control]),
+            "ControlNet",
+        ),
+        (
+            with(&[
+                "--controlnet",
+                &v1,
+                "--control-image",
+                &control,
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+            ]),
+            "inpaint",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_in("refused-controlnet", &args, needle);
+    }
+}

@@ -17,18 +17,24 @@
 //! # Ok::<(), zimage_pipeline::PipelineError>(())
 //! ```
 
+mod control;
 mod error;
 mod folder;
 pub mod generator;
 pub mod memory;
 mod options;
 mod pipeline;
+pub mod record;
+pub mod resize;
 
+pub use control::{canny, CANNY_DEFAULT_THRESHOLDS};
 pub use error::PipelineError;
 pub use folder::{ConfigSource, ModelFiles, Part, Variant, VariantChoice, CONFIG_METADATA_KEY};
 pub use generator::{NoiseDtype, TorchGenerator};
 pub use memory::MemoryEstimate;
-pub use options::{GenerateOptions, InitImage, Stage};
+pub use options::{ControlInpaint, ControlOptions, GenerateOptions, InitImage, Stage};
 pub use pipeline::{Event, Generation, ZImagePipeline};
 /// Adapters: read with [`zimage_lora::LoraAdapter::open`], given with [`ZImagePipeline::set_adapters`].
 pub use zimage_lora;
+/// ControlNet configs: detected from the file, or a diffusers `config.json`.
+pub use zimage_transformer::{ControlNoiseRefiner, ZImageControlNetConfig};

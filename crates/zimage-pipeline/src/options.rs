@@ -26,6 +26,45 @@ impl InitImage {
     }
 }
 
+/// The control of a ControlNet generation (diffusers' `ZImageControlNetPipeline` and
+/// `ZImageControlNetInpaintPipeline`); the ControlNet itself is set on the pipeline
+/// ([`crate::ZImagePipeline::set_controlnet`]).
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The control image (canny edges, pose, depth, HED...: see [`crate::canny`] for edges),
+    /// resized to the output size (Lanczos) when its size differs. Its VAE latents (the
+    /// posterior's mode) are what the ControlNet sees.
+    pub image: RgbImage,
+    /// `controlnet_conditioning_scale`: the hints are multiplied by it.
+    pub scale: f32,
+    /// ControlNet inpainting (2.x ControlNets only): the image to repaint and its mask.
+    pub inpaint: Option<ControlInpaint>,
+}
+
+impl ControlOptions {
+    /// diffusers' default `controlnet_conditioning_scale`.
+    pub const DEFAULT_SCALE: f32 = 0.75;
+
+    /// Text-to-image under `image`, at the default scale.
+    pub fn new(image: RgbImage) -> Self {
+        Self {
+            image,
+            scale: Self::DEFAULT_SCALE,
+            inpaint: None,
+        }
+    }
+}
+
+/// `image` and `mask_image` of `ZImageControlNetInpaintPipeline`: the 2.x ControlNet gets the
+/// masked image's latents and the mask beside the control image's latents. The denoising itself
+/// starts from noise (no strength, no latent blending: unlike [`InitImage`]).
+#[derive(Debug, Clone)]
+pub struct ControlInpaint {
+    pub image: RgbImage,
+    /// White (>= 0.5) marks what is repainted; black is kept. Resized to the output size.
+    pub mask: GrayImage,
+}
+
 /// One call of the pipeline. [`GenerateOptions::new`] fills the defaults of a variant.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -52,6 +91,8 @@ pub struct GenerateOptions {
     /// Seed of the torch-compatible CPU generator.
     pub seed: u64,
     pub init_image: Option<InitImage>,
+    /// ControlNet control (needs a ControlNet set on the pipeline; not with `init_image`).
+    pub control: Option<ControlOptions>,
     /// Decode (and encode) in tiles of this configuration.
     pub vae_tiling: Option<TilingConfig>,
     /// Stop with an error when the latents stop being finite (one host read per step).
@@ -76,6 +117,7 @@ impl GenerateOptions {
             num_images_per_prompt: 1,
             seed: 0,
             init_image: None,
+            control: None,
             vae_tiling: None,
             check_finite: true,
         }

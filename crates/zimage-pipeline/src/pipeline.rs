@@ -5,14 +5,13 @@ use zimage_nn::ZBackend;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use zimage_scheduler::{
     calculate_shift, z_image_sigmas, FlowMatchEulerDiscreteScheduler,
     FlowMatchEulerDiscreteSchedulerConfig,
 };
 use zimage_text::{PromptTokenizer, Qwen3TextEncoder};
-use zimage_transformer::ZImageTransformer2DModel;
+use zimage_transformer::{ZImageControlNetConfig, ZImageControlNetModel, ZImageTransformer2DModel};
 use zimage_vae::AutoencoderKL;
 
 use zimage_lora::{AdapterReport, LoraAdapter, Resolved};
@@ -74,6 +73,9 @@ pub struct ZImagePipeline<B: ZBackend> {
     vae: Option<AutoencoderKL<B>>,
     /// Adapters matched to the transformer, applied whenever it is loaded.
     adapters: Resolved,
+    /// The ControlNet file and its config; the model loads and is freed with the transformer.
+    controlnet_file: Option<(std::path::PathBuf, ZImageControlNetConfig)>,
+    controlnet: Option<ZImageControlNetModel<B>>,
 }
 
 impl<B: ZBackend> ZImagePipeline<B> {
@@ -104,6 +106,8 @@ impl<B: ZBackend> ZImagePipeline<B> {
             transformer: None,
             vae: None,
             adapters: Resolved::none(),
+            controlnet_file: None,
+            controlnet: None,
         })
     }
 
@@ -125,6 +129,57 @@ impl<B: ZBackend> ZImagePipeline<B> {
         Ok(self.adapters.reports())
     }
 
+    /// Sets the ControlNet (a `Z-Image-Turbo-Fun-Controlnet-Union*.safetensors` file, 1.0 or
+    /// 2.x) that generations with [`GenerateOptions::control`] run with, or removes it (`None`).
+    /// Its config is detected from the file ([`ZImageControlNetConfig::detect`]) and checked
+    /// against the transformer now; the weights load with the transformer, and are freed with
+    /// it unless models are kept. Returns the detected config.
+    pub fn set_controlnet(
+        &mut self,
+        file: Option<&std::path::Path>,
+    ) -> Result<Option<&ZImageControlNetConfig>, PipelineError> {
+        match file {
+            None => {
+                self.controlnet_file = None;
+                self.controlnet = None;
+                Ok(None)
+            }
+            Some(file) => {
+                let checkpoint = Checkpoint::open(file)?;
+                let config = ZImageControlNetConfig::detect(&checkpoint, &self.transformer_config)?;
+                self.set_controlnet_with_config(file, config)
+            }
+        }
+    }
+
+    /// [`Self::set_controlnet`] with the ControlNet's `config.json`
+    /// ([`ZImageControlNetConfig::from_file`]) instead of the detected one.
+    pub fn set_controlnet_with_config(
+        &mut self,
+        file: &std::path::Path,
+        config: ZImageControlNetConfig,
+    ) -> Result<Option<&ZImageControlNetConfig>, PipelineError> {
+        config
+            .validate_for(&self.transformer_config)
+            .map_err(|e| match e {
+                zimage_transformer::TransformerError::ControlNet { reason, .. } => {
+                    zimage_transformer::TransformerError::ControlNet {
+                        file: Some(file.to_path_buf()),
+                        reason,
+                    }
+                }
+                other => other,
+            })?;
+        self.controlnet = None;
+        self.controlnet_file = Some((file.to_path_buf(), config));
+        Ok(self.controlnet_file.as_ref().map(|(_, c)| c))
+    }
+
+    /// The config of the ControlNet set with [`Self::set_controlnet`].
+    pub fn controlnet_config(&self) -> Option<&ZImageControlNetConfig> {
+        self.controlnet_file.as_ref().map(|(_, c)| c)
+    }
+
     /// The adapters set with [`Self::set_adapters`].
     pub fn adapters(&self) -> &Resolved {
         &self.adapters
@@ -136,6 +191,7 @@ impl<B: ZBackend> ZImagePipeline<B> {
         self.text_encoder = None;
         self.transformer = None;
         self.vae = None;
+        self.controlnet = None;
         self
     }
 
@@ -302,6 +358,24 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 bytes,
             });
         }
+        if let (Some((file, config)), true) = (&self.controlnet_file, self.controlnet.is_none()) {
+            let start = Instant::now();
+            let checkpoint = Checkpoint::open(file)?;
+            let bytes = checkpoint.weight_bytes();
+            let controlnet = ZImageControlNetModel::load(
+                config,
+                &self.transformer_config,
+                checkpoint,
+                &self.device,
+                self.precision,
+            )?;
+            self.controlnet = Some(controlnet);
+            let _ = events(Event::Loaded {
+                stage: Stage::LoadingTransformer,
+                elapsed: start.elapsed(),
+                bytes,
+            });
+        }
         Ok(())
     }
 
@@ -427,6 +501,25 @@ impl<B: ZBackend> ZImagePipeline<B> {
         scheduler.set_begin_index(t_start);
         let timesteps: Vec<f32> = scheduler.timesteps()[t_start..].to_vec();
 
+        // ControlNet: the control context from the VAE (the posterior's mode: no draw from the
+        // generator), `[1, control_in_dim, latent_height, latent_width]`.
+        let control_context = match &options.control {
+            Some(control) => {
+                self.ensure_vae(events)?;
+                let vae = self.vae.as_ref().expect("loaded above");
+                let _ = events(Event::Stage(Stage::EncodingImage));
+                let in_dim = self.controlnet_config().map_or(0, |c| c.control_in_dim);
+                Some(crate::control::control_context(
+                    vae,
+                    control,
+                    options,
+                    in_dim,
+                    &self.device,
+                )?)
+            }
+            None => None,
+        };
+
         let mut generator = TorchGenerator::manual_seed(options.seed);
         let batch = plan.batch;
         let shape = [batch, plan.channels, plan.latent_height, plan.latent_width];
@@ -509,7 +602,29 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 (inputs, positive.clone())
             };
             let timestep_input = vec![t_model; inputs.len()];
-            let out = transformer.forward(&inputs, &timestep_input, &captions)?;
+            let out = match (&control_context, &options.control, &self.controlnet) {
+                (Some(context), Some(control), Some(controlnet)) => {
+                    // The same control context for every item, doubled with the batch for CFG.
+                    let [_, c, h, w] = context.dims();
+                    let item = context.clone().cast(model_dtype).reshape([c, 1, h, w]);
+                    let contexts = vec![item; inputs.len()];
+                    let residuals = controlnet.forward(
+                        transformer,
+                        &inputs,
+                        &timestep_input,
+                        &captions,
+                        &contexts,
+                        control.scale,
+                    )?;
+                    transformer.forward_with_residuals(
+                        &inputs,
+                        &timestep_input,
+                        &captions,
+                        &residuals,
+                    )?
+                }
+                _ => transformer.forward(&inputs, &timestep_input, &captions)?,
+            };
             let preds: Vec<Tensor<B, 4>> = (0..batch)
                 .map(|j| {
                     let pos = out[j].clone().cast(DType::F32);
@@ -566,6 +681,7 @@ impl<B: ZBackend> ZImagePipeline<B> {
         }
         if !self.keep_models {
             self.transformer = None;
+            self.controlnet = None;
         }
         Ok(latents)
     }
@@ -636,6 +752,22 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 return invalid(format!("strength {} is outside (0, 1]", init.strength));
             }
         }
+        if let Some(control) = &options.control {
+            let Some(config) = self.controlnet_config() else {
+                return invalid("control options are given, but no ControlNet is set".into());
+            };
+            if options.init_image.is_some() {
+                return invalid(
+                    "ControlNet generation starts from noise: give the image to repaint as the \
+                     control's inpaint image (2.x ControlNets), not as an init image"
+                        .into(),
+                );
+            }
+            if !control.scale.is_finite() {
+                return invalid(format!("control scale {} is not finite", control.scale));
+            }
+            crate::control::check(control, config, self.transformer_config.in_channels)?;
+        }
         Ok(Plan {
             batch: options.prompts.len() * options.num_images_per_prompt,
             channels: self.transformer_config.in_channels,
@@ -704,7 +836,7 @@ fn prepare_image(image: &RgbImage, width: usize, height: usize) -> RgbImage {
     if image.width() as usize == width && image.height() as usize == height {
         image.clone()
     } else {
-        image::imageops::resize(image, width as u32, height as u32, FilterType::Lanczos3)
+        crate::resize::resize_lanczos(image, width as u32, height as u32)
     }
 }
 
@@ -724,7 +856,7 @@ fn prepare_mask<B: ZBackend>(
     let mask = if mask.width() as usize == width && mask.height() as usize == height {
         mask.clone()
     } else {
-        image::imageops::resize(mask, width as u32, height as u32, FilterType::Lanczos3)
+        crate::resize::resize_lanczos(mask, width as u32, height as u32)
     };
     // `F.interpolate(mode="nearest")`: source index floor(dst * in / out).
     let scale_y = height as f32 / latent_height as f32;

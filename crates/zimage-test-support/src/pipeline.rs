@@ -120,9 +120,9 @@ pub fn options<BK: ZBackend>(
         o.width = image.width() as usize;
         o.height = image.height() as usize;
         let mask = a["mask"].as_str().map(|m| {
-            image::open(fixtures().join("pipeline").join(m))
-                .unwrap()
-                .to_luma8()
+            zimage_pipeline::resize::to_gray(
+                &image::open(fixtures().join("pipeline").join(m)).unwrap(),
+            )
         });
         o.init_image = Some(InitImage {
             image,

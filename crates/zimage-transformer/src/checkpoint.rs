@@ -9,7 +9,7 @@ use zimage_nn::KeyMapping;
 use crate::ZImageTransformerConfig;
 
 /// Prefix of ComfyUI saves.
-const COMFY_PREFIX: &str = "model.diffusion_model.";
+pub(crate) const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 /// Maps one tensor of a diffusers or original-format checkpoint to the module path(s) it fills.
 pub fn map_key(config: &ZImageTransformerConfig, name: &str, shape: &[usize]) -> KeyMapping {
@@ -47,6 +47,26 @@ pub fn map_key(config: &ZImageTransformerConfig, name: &str, shape: &[usize]) ->
         .replace(".attention.q_norm.", ".attention.norm_q.")
         .replace(".attention.k_norm.", ".attention.norm_k.");
     KeyMapping::To(name)
+}
+
+/// Maps one tensor of a ControlNet single file (alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union).
+///
+/// The released files already carry diffusers' module names (`control_layers.0.attention.to_q.weight`,
+/// `control_all_x_embedder.2-1.weight`): diffusers' `convert_z_image_controlnet_checkpoint_to_diffusers`
+/// renames nothing. It only drops `control_noise_refiner.*` for the 2.0 layout, whose control layers
+/// also serve as the refiner (`drop_noise_refiner`). Names in the original transformer style (fused
+/// `qkv`, `out`, `q_norm`, a ComfyUI prefix) are accepted as the transformer's are.
+pub fn map_controlnet_key(
+    config: &ZImageTransformerConfig,
+    drop_noise_refiner: bool,
+    name: &str,
+    shape: &[usize],
+) -> KeyMapping {
+    let bare = name.strip_prefix(COMFY_PREFIX).unwrap_or(name);
+    if drop_noise_refiner && bare.starts_with("control_noise_refiner.") {
+        return KeyMapping::Ignore;
+    }
+    map_key(config, name, shape)
 }
 
 /// The original/ComfyUI name (without the `model.diffusion_model.` prefix) of a module path: the

@@ -19,6 +19,12 @@ pub enum TransformerError {
     Checkpoint(#[from] CheckpointError),
     #[error("invalid transformer input: {0}")]
     Input(String),
+    /// A ControlNet file or config that does not fit this transformer, or is no ControlNet.
+    #[error("ControlNet{}: {reason}", file.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    ControlNet {
+        file: Option<PathBuf>,
+        reason: String,
+    },
     #[error(transparent)]
     TooLarge(#[from] zimage_nn::device::TooLarge),
 }

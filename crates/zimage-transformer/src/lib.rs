@@ -14,6 +14,7 @@ mod adapters;
 mod block;
 pub mod checkpoint;
 mod config;
+mod controlnet;
 mod embedders;
 mod error;
 mod model;
@@ -21,6 +22,10 @@ mod rope;
 
 pub use block::{Attention, FeedForward, FinalLayer, SequenceContext, ZImageTransformerBlock};
 pub use config::{ZImageTransformerConfig, SEQ_MULTI_OF};
+pub use controlnet::{
+    ControlNoiseRefiner, ControlRefinerBlocks, ZImageControlNetConfig, ZImageControlNetModel,
+    ZImageControlTransformerBlock,
+};
 pub use embedders::{timestep_embedding, CaptionEmbedder, TimestepEmbedder};
 pub use error::TransformerError;
 pub use model::{LayerResiduals, ZImageTransformer2DModel};

@@ -38,15 +38,60 @@ pub struct ZImageTransformer2DModel<B: ZBackend> {
 }
 
 /// One item's token layout: image run, caption run, and their padded lengths.
-struct ItemLayout {
+pub(crate) struct ItemLayout {
     /// Latent frames, height, width.
-    size: [usize; 3],
+    pub(crate) size: [usize; 3],
     /// Tokens per axis after patching.
     grid: [usize; 3],
-    image_tokens: usize,
-    image_padded: usize,
+    pub(crate) image_tokens: usize,
+    pub(crate) image_padded: usize,
     caption_tokens: usize,
     caption_padded: usize,
+}
+
+/// What [`ZImageTransformer2DModel::prepare`] computes for one pass.
+pub(crate) struct Prepared<B: ZBackend> {
+    pub(crate) layouts: Vec<ItemLayout>,
+    /// `[batch, adaln_dim]`, the timestep conditioning.
+    pub(crate) adaln: Tensor<B, 2>,
+    /// `[batch, longest image run, dim]`: embedded image tokens, before the noise refiner.
+    pub(crate) image: Tensor<B, 3>,
+    pub(crate) image_ctx: SequenceContext<B>,
+    /// `[batch, longest caption run, dim]`: caption tokens after the context refiner.
+    pub(crate) caption: Tensor<B, 3>,
+    pub(crate) unified_ctx: SequenceContext<B>,
+    unified_lens: Vec<usize>,
+    pub(crate) dtype: DType,
+    dim: usize,
+}
+
+impl<B: ZBackend> Prepared<B> {
+    /// Each item's image run (of `image`, `[batch, longest image run, dim]`) followed by its
+    /// caption run, batch-padded with zeros: `[batch, longest unified run, dim]`.
+    pub(crate) fn unify(&self, image: &Tensor<B, 3>) -> Tensor<B, 3> {
+        let dim = self.dim;
+        let device = image.device();
+        let runs: Vec<Tensor<B, 2>> = self
+            .layouts
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let xi = image
+                    .clone()
+                    .narrow(0, i, 1)
+                    .reshape([image.dims()[1], dim])
+                    .narrow(0, 0, l.image_padded);
+                let ci = self
+                    .caption
+                    .clone()
+                    .narrow(0, i, 1)
+                    .reshape([self.caption.dims()[1], dim])
+                    .narrow(0, 0, l.caption_padded);
+                Tensor::cat(vec![xi, ci], 0)
+            })
+            .collect();
+        pad_batch(runs, &self.unified_lens, dim, self.dtype, &device)
+    }
 }
 
 impl<B: ZBackend> ZImageTransformer2DModel<B> {
@@ -187,13 +232,56 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
         residuals: &LayerResiduals<B>,
     ) -> Result<Vec<Tensor<B, 4>>, TransformerError> {
         let config = &self.config;
-        let layouts = self.layouts(latents, timesteps, captions)?;
         if let Some((&k, _)) = residuals.range(config.n_layers..).next() {
             return Err(TransformerError::Input(format!(
                 "a residual is given for layer {k}, but the model has {} layers",
                 config.n_layers
             )));
         }
+        let prepared = self.prepare(latents, timesteps, captions)?;
+        let mut x = prepared.image.clone();
+        for block in &self.noise_refiner {
+            x = block.forward(x, &prepared.image_ctx, Some(&prepared.adaln));
+        }
+        let mut unified = prepared.unify(&x);
+        for (k, block) in self.layers.iter().enumerate() {
+            unified = block.forward(unified, &prepared.unified_ctx, Some(&prepared.adaln));
+            if let Some(residual) = residuals.get(&k) {
+                unified = unified + residual.clone().cast(prepared.dtype);
+            }
+        }
+        let out = self.final_layers[0].forward(unified, &prepared.adaln);
+
+        let (patch, f_patch) = (config.all_patch_size[0], config.all_f_patch_size[0]);
+        let tokens = out.dims()[1];
+        let patch_dim = config.patch_dim(0);
+        Ok(prepared
+            .layouts
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let rows = out
+                    .clone()
+                    .narrow(0, i, 1)
+                    .reshape([tokens, patch_dim])
+                    .narrow(0, 0, l.image_tokens);
+                unpatchify(rows, l.size, config.in_channels, patch, f_patch)
+            })
+            .collect())
+    }
+
+    /// Everything before the noise refiner, shared with the ControlNet (which runs the same
+    /// embedders and refiners, as diffusers' `ZImageControlNetModel.from_transformer` shares
+    /// them): the timestep conditioning, the embedded (not yet refined) image tokens, the
+    /// refined caption tokens, and the sequence contexts.
+    pub(crate) fn prepare(
+        &self,
+        latents: &[Tensor<B, 4>],
+        timesteps: &[f32],
+        captions: &[Tensor<B, 2>],
+    ) -> Result<Prepared<B>, TransformerError> {
+        let config = &self.config;
+        let layouts = self.layouts(latents, timesteps, captions)?;
         let device = latents[0].device();
         let dtype = self.dtype();
         let dim = config.dim;
@@ -208,17 +296,8 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
         let adaln = self.t_embedder.forward(&scaled, &device, dtype);
 
         // Image tokens: patchify, embed, fill to a multiple of 32 with the pad token.
-        let patches: Vec<Tensor<B, 2>> = latents
-            .iter()
-            .map(|x| patchify(x.clone().cast(dtype), patch, f_patch))
-            .collect();
-        let embedded = self.x_embedders[0].forward(Tensor::cat(patches, 0));
-        let image_runs = split_rows(embedded, layouts.iter().map(|l| l.image_tokens));
-        let image_runs: Vec<_> = image_runs
-            .into_iter()
-            .zip(&layouts)
-            .map(|(run, l)| fill(run, &self.x_pad_token, l.image_padded - l.image_tokens))
-            .collect();
+        let image =
+            self.embed_image_tokens(&self.x_embedders[0], latents, &layouts, patch, f_patch);
         let image_rope = |l: &ItemLayout, table: &mut RopeTable| -> Result<(), TransformerError> {
             let [ft, ht, wt] = l.grid;
             let start = l.caption_padded + 1;
@@ -237,11 +316,7 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
         };
 
         let image_lens: Vec<usize> = layouts.iter().map(|l| l.image_padded).collect();
-        let ctx = self.context(&layouts, &image_lens, |l, t| image_rope(l, t), &device)?;
-        let mut x = pad_batch(image_runs, &image_lens, dim, dtype, &device);
-        for block in &self.noise_refiner {
-            x = block.forward(x, &ctx, Some(&adaln));
-        }
+        let image_ctx = self.context(&layouts, &image_lens, |l, t| image_rope(l, t), &device)?;
 
         // Caption tokens: embed, fill with the pad token, refine without modulation.
         let caps: Vec<Tensor<B, 2>> = captions.iter().map(|c| c.clone().cast(dtype)).collect();
@@ -259,9 +334,9 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
             .collect();
         let caption_lens: Vec<usize> = layouts.iter().map(|l| l.caption_padded).collect();
         let cap_ctx = self.context(&layouts, &caption_lens, |l, t| caption_rope(l, t), &device)?;
-        let mut cap = pad_batch(caption_runs, &caption_lens, dim, dtype, &device);
+        let mut caption = pad_batch(caption_runs, &caption_lens, dim, dtype, &device);
         for block in &self.context_refiner {
-            cap = block.forward(cap, &cap_ctx, None);
+            caption = block.forward(caption, &cap_ctx, None);
         }
 
         // Unified sequence, image first then caption, through the main layers.
@@ -277,22 +352,6 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
             &[batch, longest, self.config.ffn_hidden_dim()],
             dtype,
         )?;
-        let unified_runs: Vec<Tensor<B, 2>> = (0..batch)
-            .map(|i| {
-                let l = &layouts[i];
-                let xi = x
-                    .clone()
-                    .narrow(0, i, 1)
-                    .reshape([x.dims()[1], dim])
-                    .narrow(0, 0, l.image_padded);
-                let ci = cap
-                    .clone()
-                    .narrow(0, i, 1)
-                    .reshape([cap.dims()[1], dim])
-                    .narrow(0, 0, l.caption_padded);
-                Tensor::cat(vec![xi, ci], 0)
-            })
-            .collect();
         let unified_ctx = self.context(
             &layouts,
             &unified_lens,
@@ -302,33 +361,48 @@ impl<B: ZBackend> ZImageTransformer2DModel<B> {
             },
             &device,
         )?;
-        let mut unified = pad_batch(unified_runs, &unified_lens, dim, dtype, &device);
-        for (k, block) in self.layers.iter().enumerate() {
-            unified = block.forward(unified, &unified_ctx, Some(&adaln));
-            if let Some(residual) = residuals.get(&k) {
-                unified = unified + residual.clone().cast(dtype);
-            }
-        }
-        let out = self.final_layers[0].forward(unified, &adaln);
+        Ok(Prepared {
+            layouts,
+            adaln,
+            image,
+            image_ctx,
+            caption,
+            unified_ctx,
+            unified_lens,
+            dtype,
+            dim,
+        })
+    }
 
-        let tokens = out.dims()[1];
-        let patch_dim = config.patch_dim(0);
-        Ok(layouts
+    /// `[C, F, H, W]` inputs (latents, or the ControlNet's control context) patchified, embedded
+    /// by `embedder`, each run filled to its padded length with `x_pad_token` and batch-padded
+    /// with zeros: `[batch, longest, dim]`.
+    pub(crate) fn embed_image_tokens(
+        &self,
+        embedder: &Linear<B>,
+        inputs: &[Tensor<B, 4>],
+        layouts: &[ItemLayout],
+        patch: usize,
+        f_patch: usize,
+    ) -> Tensor<B, 3> {
+        let dtype = self.dtype();
+        let device = inputs[0].device();
+        let patches: Vec<Tensor<B, 2>> = inputs
             .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let rows = out
-                    .clone()
-                    .narrow(0, i, 1)
-                    .reshape([tokens, patch_dim])
-                    .narrow(0, 0, l.image_tokens);
-                unpatchify(rows, l.size, config.in_channels, patch, f_patch)
-            })
-            .collect())
+            .map(|x| patchify(x.clone().cast(dtype), patch, f_patch))
+            .collect();
+        let embedded = embedder.forward(Tensor::cat(patches, 0));
+        let runs: Vec<_> = split_rows(embedded, layouts.iter().map(|l| l.image_tokens))
+            .into_iter()
+            .zip(layouts)
+            .map(|(run, l)| fill(run, &self.x_pad_token, l.image_padded - l.image_tokens))
+            .collect();
+        let lens: Vec<usize> = layouts.iter().map(|l| l.image_padded).collect();
+        pad_batch(runs, &lens, self.config.dim, dtype, &device)
     }
 
     /// Validates the inputs and computes each item's token layout.
-    fn layouts(
+    pub(crate) fn layouts(
         &self,
         latents: &[Tensor<B, 4>],
         timesteps: &[f32],

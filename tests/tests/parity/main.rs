@@ -4,11 +4,13 @@
 //! Parity with the reference (diffusers 0.42.1, transformers) on the committed fixtures, the
 //! checkpoint loaders and their errors, device limits, and the GPU backends.
 
+mod controlnet;
 mod device_limits;
 mod gguf;
 mod gpu_backends;
 mod lora;
 mod pipeline_parity;
+mod resize;
 mod rng;
 mod scheduler;
 mod text_errors;
