@@ -260,6 +260,15 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 |d| B::supports_dtype(&self.device, d),
             ))
         };
+        // The ControlNet loads and is freed with the transformer; a control image keeps the VAE
+        // (which encodes it) loaded through the denoising.
+        let mut dit_weights = held(&self.files.transformer()?.weights)?;
+        if let Some((file, _)) = &self.controlnet_file {
+            dit_weights += held(file)?;
+            if options.control.is_some() && !self.keep_models {
+                dit_weights += held(&self.files.vae()?.weights)?;
+            }
+        }
         let [text, dit, vae] = crate::memory::activations(
             options,
             &self.text_encoder_config,
@@ -276,7 +285,7 @@ impl<B: ZBackend> ZImagePipeline<B> {
                 },
                 StageMemory {
                     stage: "transformer",
-                    weights: held(&self.files.transformer()?.weights)?,
+                    weights: dit_weights,
                     activations: dit,
                 },
                 StageMemory {

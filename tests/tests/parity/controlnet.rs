@@ -460,3 +460,44 @@ fn control_contexts_of_the_wrong_shape_are_refused() {
         .unwrap();
     assert_eq!(residuals.keys().copied().collect::<Vec<_>>(), [0, 1]);
 }
+
+/// The ControlNet's weights load with the transformer's, so the memory estimate counts them
+/// there (and the VAE, which encodes the control image and stays loaded through the denoising,
+/// when models are not kept).
+#[test]
+fn the_memory_estimate_counts_the_controlnet() {
+    let manifest = manifest();
+    let case = manifest
+        .cases
+        .iter()
+        .find(|c| c.name == "t2i_v2_1")
+        .unwrap();
+    let file = dir().join(&manifest.controlnets[&case.controlnet].file);
+    // The files' own sizes: bf16 ControlNet (held as bf16 or widened to f32), f32 VAE.
+    let stored =
+        |path: &std::path::Path| zimage_nn::Checkpoint::open(path).unwrap().weight_bytes() as u64;
+    let vae = model_folder().join("vae/diffusion_pytorch_model.safetensors");
+    for keep in [true, false] {
+        let mut pipeline = pipeline().keep_models(keep);
+        let mut plain = options(case, &pipeline);
+        plain.control = None;
+        let before = pipeline.estimate_memory(&plain).unwrap();
+        pipeline.set_controlnet(Some(&file)).unwrap();
+        let controlled = options(case, &pipeline);
+        let after = pipeline.estimate_memory(&controlled).unwrap();
+        let vae_bytes = if keep { 0 } else { stored(&vae) };
+        let added = after.stages[1].weights - before.stages[1].weights;
+        assert!(
+            added >= stored(&file) + vae_bytes && added <= 2 * stored(&file) + vae_bytes,
+            "keep_models {keep}: {added} bytes added for a {}-byte ControlNet file",
+            stored(&file)
+        );
+        // Resident, every weight counts at once; staged, the peak is the largest stage (here the
+        // text encoder, whose real vocabulary outweighs the tiny transformer and ControlNet).
+        if keep {
+            assert_eq!(after.peak() - before.peak(), added, "keep_models {keep}");
+        } else {
+            assert!(after.peak() >= before.peak());
+        }
+    }
+}
