@@ -148,44 +148,50 @@ pub fn convert(args: &ConvertArgs) -> Result<Vec<FileRecord>> {
                  --from and a diffusers folder or repo as --base"
             ),
         },
-        None if !sources.is_empty() => bail!(
+        None if sources.is_empty() => bail!("nothing to convert: give --from"),
+        // GGUF files carry their hyperparameters in their metadata and no tokenizer: without a
+        // base, the published configs describe the files.
+        None if args.gguf.is_some() => None,
+        None => bail!(
             "single files carry no configs or tokenizer: give --base with a model folder or repo \
              (e.g. --base {})",
             zimage_hub::DEFAULT_MODEL
         ),
-        None => bail!("nothing to convert: give --from"),
     };
-    let base = base.expect("checked above");
-    if same_folder(&base, &args.out) {
-        bail!(
-            "--out must differ from the source folder {}",
-            base.display()
-        );
-    }
-    for component in &missing {
-        let folder = base.join(component.folder());
-        if has_safetensors(&folder) {
-            sources.push(ComponentSource {
-                component: *component,
-                checkpoint: Checkpoint::open(&folder)?,
-                path: folder,
-            });
-        } else {
-            eprintln!(
-                "warning: no {} weights in {} or the given files; the output will lack them",
-                component.folder(),
+    // The base supplies the weights of components not given as files.
+    if let Some(base) = &base {
+        if same_folder(base, &args.out) {
+            bail!(
+                "--out must differ from the source folder {}",
                 base.display()
             );
+        }
+        for component in &missing {
+            let folder = base.join(component.folder());
+            if has_safetensors(&folder) {
+                sources.push(ComponentSource {
+                    component: *component,
+                    checkpoint: Checkpoint::open(&folder)?,
+                    path: folder,
+                });
+            } else {
+                eprintln!(
+                    "warning: no {} weights in {} or the given files; the output will lack them",
+                    component.folder(),
+                    base.display()
+                );
+            }
         }
     }
 
     if let Some(ty) = args.gguf {
-        return crate::gguf_out::write(&sources, &base, &args.out, ty, started);
+        return crate::gguf_out::write(&sources, base.as_deref(), &args.out, ty, started);
     }
+    let base = base.expect("only GGUF output goes without a base");
     let mut records = copy_configs(&base, &args.out, args.dtype)?;
     sources.sort_by_key(|s| Component::ALL.iter().position(|c| *c == s.component));
     for source in &sources {
-        let plan = plan_component(source, &base)?;
+        let plan = plan_component(source, Some(&base))?;
         let component = source.component;
         eprintln!(
             "{}: {} tensors from {} -> {:?}",
@@ -245,11 +251,19 @@ fn classify(checkpoint: &Checkpoint) -> Option<Component> {
         .then_some(Component::Vae)
 }
 
+/// A component's `config.json` in the base folder, if it has one (else the published config).
+pub(crate) fn config_file(base: Option<&Path>, component: Component) -> Option<PathBuf> {
+    base.map(|b| b.join(component.folder()).join("config.json"))
+        .filter(|p| p.is_file())
+}
+
 /// Output names and shapes of one component, checked against the model where the name mapping
 /// is not a plain rename.
-pub(crate) fn plan_component(source: &ComponentSource, base: &Path) -> Result<Vec<Planned>> {
+pub(crate) fn plan_component(
+    source: &ComponentSource,
+    base: Option<&Path>,
+) -> Result<Vec<Planned>> {
     let ck = &source.checkpoint;
-    let folder = base.join(source.component.folder());
     let mut plan = Vec::new();
     let mut push = |out: String, shape: Vec<usize>, name: &str, rows: Option<Range<usize>>| {
         plan.push(Planned {
@@ -260,9 +274,9 @@ pub(crate) fn plan_component(source: &ComponentSource, base: &Path) -> Result<Ve
     };
     match source.component {
         Component::Transformer => {
-            let config = match folder.join("config.json") {
-                path if path.is_file() => ZImageTransformerConfig::from_file(&path)?,
-                _ => ZImageTransformerConfig::z_image_turbo(),
+            let config = match config_file(base, Component::Transformer) {
+                Some(path) => ZImageTransformerConfig::from_file(&path)?,
+                None => ZImageTransformerConfig::z_image_turbo(),
             };
             for (name, entry) in ck.entries() {
                 match zimage_transformer::checkpoint::map_key(&config, name, &entry.shape) {
@@ -300,9 +314,9 @@ pub(crate) fn plan_component(source: &ComponentSource, base: &Path) -> Result<Ve
             }
         }
         Component::Vae => {
-            let config = match folder.join("config.json") {
-                path if path.is_file() => AutoencoderKLConfig::from_file(&path)?,
-                _ => AutoencoderKLConfig::z_image(),
+            let config = match config_file(base, Component::Vae) {
+                Some(path) => AutoencoderKLConfig::from_file(&path)?,
+                None => AutoencoderKLConfig::z_image(),
             };
             let format = vae_checkpoint::detect(ck)?;
             for (name, entry) in ck.entries() {
@@ -844,6 +858,52 @@ mod tests {
             }
             _ => name.to_string(),
         }
+    }
+
+    /// GGUF output needs no base for the published models (their configs are built in); a
+    /// model of another size given without its folder is refused before anything is written
+    /// (its `qwen3.*` metadata would describe Qwen3-4B), and with the folder it converts, the
+    /// metadata describing it.
+    #[test]
+    fn gguf_output_takes_its_metadata_from_a_config_that_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, out) = (dir.path().join("base"), dir.path().join("out"));
+        tiny_model(&base);
+        let file = base.join("text_encoder/model.safetensors");
+        let mut gguf = args(
+            vec![file.to_string_lossy().into_owned()],
+            None,
+            &out,
+            OutDtype::F32,
+            5_000_000_000,
+        );
+        gguf.gguf = Some(zimage_nn::quant::GgmlType::Q8_0);
+
+        let error = convert(&gguf).unwrap_err().to_string();
+        assert!(
+            error.contains("not the model of its config")
+                && error.contains("3 layers, the config says 36")
+                && error.contains("is [1000, 64], the config says [151936, 2560]"),
+            "{error}"
+        );
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 0, "nothing written");
+
+        gguf.base = Some(base.to_string_lossy().into_owned());
+        convert(&gguf).unwrap();
+        let written = Checkpoint::open(out.join("qwen3-Q8_0.gguf")).unwrap();
+        let config = zimage_text::Qwen3Config::from_gguf(&written)
+            .unwrap()
+            .unwrap();
+        let tiny =
+            zimage_text::Qwen3Config::from_file(base.join("text_encoder/config.json")).unwrap();
+        assert_eq!(
+            (
+                config.hidden_size,
+                config.num_hidden_layers,
+                config.vocab_size
+            ),
+            (tiny.hidden_size, tiny.num_hidden_layers, tiny.vocab_size)
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use zimage_nn::StoredDtype;
 use zimage_text::Qwen3Config;
 use zimage_transformer::ZImageTransformerConfig;
 
-use crate::convert::{plan_component, ComponentSource, Planned, StreamingReader};
+use crate::convert::{config_file, plan_component, ComponentSource, Planned, StreamingReader};
 use crate::writer::{FileRecord, HashingWriter};
 
 /// One GGUF tensor: its name, type, shape and the planned source tensors whose rows it stacks.
@@ -40,7 +40,7 @@ struct Out {
 
 pub fn write(
     sources: &[ComponentSource],
-    base: &Path,
+    base: Option<&Path>,
     out: &Path,
     ty: GgmlType,
     started: Instant,
@@ -50,18 +50,23 @@ pub fn write(
         let (file, writer, outs, plan) = match source.component {
             Component::Transformer => {
                 let plan = plan_component(source, base)?;
-                let config = match base.join("transformer/config.json") {
-                    p if p.is_file() => ZImageTransformerConfig::from_file(&p)?,
-                    _ => ZImageTransformerConfig::z_image_turbo(),
+                let config = match config_file(base, Component::Transformer) {
+                    Some(p) => ZImageTransformerConfig::from_file(&p)?,
+                    None => ZImageTransformerConfig::z_image_turbo(),
                 };
                 let (writer, outs) = transformer(&config, source, &plan, ty)?;
-                (format!("z_image-{}.gguf", ty.name()), writer, outs, plan)
+                (
+                    transformer_file_name(&source.path, base, ty),
+                    writer,
+                    outs,
+                    plan,
+                )
             }
             Component::TextEncoder => {
                 let plan = plan_component(source, base)?;
-                let config = match base.join("text_encoder/config.json") {
-                    p if p.is_file() => Qwen3Config::from_file(&p)?,
-                    _ => Qwen3Config::qwen3_4b(),
+                let config = match config_file(base, Component::TextEncoder) {
+                    Some(p) => Qwen3Config::from_file(&p)?,
+                    None => Qwen3Config::qwen3_4b(),
                 };
                 let (writer, outs) = text_encoder(&config, source, &plan, ty)?;
                 (format!("qwen3-{}.gguf", ty.name()), writer, outs, plan)
@@ -175,6 +180,20 @@ fn stored(source: &ComponentSource, p: &Planned) -> Option<StoredDtype> {
     source.checkpoint.get(&p.source).map(|e| e.dtype)
 }
 
+/// `z_image_turbo-Q8_0.gguf` or `z_image-Q8_0.gguf`: a transformer file given alone is told
+/// Turbo from the base model by its name (as in ComfyUI and city96's uploads), so a source
+/// named Turbo (its file, its folder or the base's, up to three levels up) makes a Turbo name.
+fn transformer_file_name(source: &Path, base: Option<&Path>, ty: GgmlType) -> String {
+    let turbo = source
+        .ancestors()
+        .take(4)
+        .chain(base.into_iter().flat_map(|b| b.ancestors().take(4)))
+        .filter_map(Path::file_name)
+        .any(|n| n.to_string_lossy().to_lowercase().contains("turbo"));
+    let model = if turbo { "z_image_turbo" } else { "z_image" };
+    format!("{model}-{}.gguf", ty.name())
+}
+
 fn transformer(
     config: &ZImageTransformerConfig,
     source: &ComponentSource,
@@ -217,6 +236,72 @@ fn transformer(
             .expect("choose() keeps whole blocks");
     }
     Ok((writer, outs))
+}
+
+/// The `qwen3.*` metadata is written from the config, so the tensors must be the model it
+/// describes (a base folder's config, else Qwen3-4B's): every disagreement is reported at once.
+fn check_text_encoder_config(config: &Qwen3Config, plan: &[Planned]) -> Result<()> {
+    let shape = |name: &str| {
+        plan.iter()
+            .find(|p| p.out.name == name)
+            .map(|p| p.out.shape.clone())
+    };
+    let heads = config.num_attention_heads;
+    let head_dim = config.head_dim.unwrap_or(config.hidden_size / heads);
+    let kv_heads = config.num_key_value_heads.unwrap_or(heads);
+    let hidden = config.hidden_size;
+    let mut problems = Vec::new();
+    for (name, wanted) in [
+        ("model.embed_tokens.weight", [config.vocab_size, hidden]),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            [heads * head_dim, hidden],
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            [kv_heads * head_dim, hidden],
+        ),
+        (
+            "model.layers.0.mlp.gate_proj.weight",
+            [config.intermediate_size, hidden],
+        ),
+    ] {
+        match shape(name) {
+            Some(actual) if actual != wanted => {
+                problems.push(format!("{name} is {actual:?}, the config says {wanted:?}"))
+            }
+            Some(_) => {}
+            None => problems.push(format!("no {name}")),
+        }
+    }
+    let layers = plan
+        .iter()
+        .filter_map(|p| {
+            p.out
+                .name
+                .strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .map(|i: usize| i + 1)
+        .max()
+        .unwrap_or(0);
+    if layers != config.num_hidden_layers {
+        problems.push(format!(
+            "{layers} layers, the config says {}",
+            config.num_hidden_layers
+        ));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the text encoder weights are not the model of its config (give --base with this \
+             model's folder): {}",
+            problems.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// llama.cpp's name of a transformers `Qwen3Model` parameter (`model.` prefix optional).
@@ -278,6 +363,7 @@ fn text_encoder(
     }
     let heads = config.num_attention_heads;
     let head_dim = config.head_dim.unwrap_or(config.hidden_size / heads);
+    check_text_encoder_config(config, plan)?;
     let u32v = |v: usize| GgufValue::U32(v as u32);
     let mut writer = GgufWriter::new();
     writer.metadata("general.architecture", GgufValue::String("qwen3".into()));
@@ -315,7 +401,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sensitive_and_odd_tensors_stay_in_high_precision() {
+    fn sensitive_and_odd_tensors_stay_in_high_precision_and_names_follow_llama_cpp_and_city96() {
         let q = GgmlType::Q4_0;
         let bf16 = Some(StoredDtype::BF16);
         assert_eq!(
@@ -341,6 +427,28 @@ mod tests {
         assert_eq!(
             choose("layers.0.feed_forward.w1.weight", &[16, 32], bf16, q),
             GgmlType::BF16
+        );
+        let name = |source: &str, base: Option<&str>| {
+            transformer_file_name(Path::new(source), base.map(Path::new), GgmlType::Q8_0)
+        };
+        assert_eq!(
+            name("/m/z_image_turbo_bf16.safetensors", None),
+            "z_image_turbo-Q8_0.gguf"
+        );
+        assert_eq!(
+            name(
+                "/hub/models--Tongyi-MAI--Z-Image-Turbo/snapshots/abc/transformer",
+                None
+            ),
+            "z_image_turbo-Q8_0.gguf"
+        );
+        assert_eq!(
+            name("/m/t.safetensors", Some("/hub/Z-Image-Turbo")),
+            "z_image_turbo-Q8_0.gguf"
+        );
+        assert_eq!(
+            name("/m/z_image_bf16.safetensors", None),
+            "z_image-Q8_0.gguf"
         );
         assert_eq!(
             llama_cpp_name("model.layers.3.self_attn.o_proj.weight").as_deref(),

@@ -36,7 +36,8 @@ enum Command {
         /// (ComfyUI/original transformer, ComfyUI Qwen3 text encoder, BFL ae.safetensors).
         #[arg(long, required = true, num_args = 1..)]
         from: Vec<String>,
-        /// Folder or repo that supplies configs, tokenizer and the weights not given as files.
+        /// Folder or repo that supplies configs, tokenizer and the weights not given as files
+        /// (optional for GGUF output of the published models: their configs are built in).
         #[arg(long)]
         base: Option<String>,
         /// Output folder (Hugging Face layout).

@@ -450,3 +450,97 @@ fn the_web_page_makes_an_image_in_a_real_browser() {
     std::fs::write(&path, png).unwrap();
     println!("screenshot: {}", path.display());
 }
+
+/// As `zimage generate` does, `zimage serve` holds weights stored in f32 in bf16 when, as stored,
+/// they would not fit even loaded per job; the server says so and serves.
+#[test]
+fn f32_weights_that_do_not_fit_are_served_in_bf16() {
+    use burn::tensor::DType;
+    use zimage_nn::Precision;
+    use zimage_pipeline::{ModelFiles, ZImagePipeline};
+    use zimage_test_support::{read_checkpoint, write_safetensors, B};
+
+    let dir = scratch("serve-bf16");
+    // The tiny folder with its (bf16) text encoder widened to f32, exactly.
+    let folder = dir.join("f32-model");
+    zimage_test_support::pipeline::copy_dir(&model_folder(), &folder);
+    let weights = folder.join("text_encoder");
+    let tensors = read_checkpoint(&weights);
+    for entry in std::fs::read_dir(&weights).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains(".safetensors") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    write_safetensors(&weights.join("model.safetensors"), &tensors, None);
+
+    // The budget: room for the staged run in bf16, not for it as stored (at the resident size).
+    let staged = |precision: Precision| {
+        let files = ModelFiles::open(&folder).unwrap();
+        let pipeline = ZImagePipeline::<B>::new(files, &Default::default(), precision)
+            .unwrap()
+            .keep_models(false);
+        let mut options = pipeline.options("");
+        (options.width, options.height) = (64, 64);
+        pipeline.estimate_memory(&options).unwrap().peak()
+    };
+    let as_stored = staged(DType::F32.into());
+    let narrowed = staged(Precision::from(DType::F32).with_weights(Some(DType::BF16)));
+    assert!(narrowed < as_stored, "{narrowed} vs {as_stored}");
+    let budget = ((as_stored + narrowed) / 2).to_string();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args(["serve", "--model", &folder.display().to_string()])
+        .args([
+            "--backend",
+            "ndarray",
+            "--port",
+            "0",
+            "--resident-size",
+            "64",
+        ])
+        .env("ZIMAGE_AVAILABLE_MEMORY", &budget)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start zimage serve");
+    // Read every line (the server must never find its stderr closed), passing on the first
+    // that tells.
+    let stderr = child.stderr.take().unwrap();
+    let (tell, told) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("holding the weights in bf16") || line.starts_with("error") {
+                let _ = tell.send(line);
+            }
+        }
+    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let served = Served {
+        base: line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("zimage serve printed {line:?}"))
+            .to_string(),
+        child,
+    };
+    let said = told.recv_timeout(Duration::from_secs(30)).ok();
+    assert!(
+        said.as_deref()
+            .is_some_and(|l| l.starts_with("holding the weights in bf16")),
+        "{said:?}"
+    );
+    let agent = agent();
+    let (status, record) = post_json(
+        &agent,
+        &format!("{}/v1/images/generations", served.base),
+        &json!({"prompt": "a cat", "size": "64x64", "steps": 2, "seed": 1}),
+    );
+    assert_eq!(status, 200, "{record}");
+    assert!(record["data"][0]["b64_json"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+}

@@ -223,20 +223,26 @@ impl GgmlType {
     /// The value each code stands for before scaling (`level(code)`), for codes `0..2^bits`.
     pub fn levels(self) -> Vec<f32> {
         let n = 1usize << self.code_bits();
-        let shift: i32 = match self {
-            Self::Q8_0 => -128,
-            Self::Q4_0 => -8,
-            Self::Q5_0 => -16,
-            Self::Q6_K => -32,
-            Self::Q3_K => -4,
-            _ => 0,
-        };
         (0..n)
-            .map(|c| match self {
-                Self::IQ4_NL | Self::IQ4_XS => f32::from(KVALUES_IQ4[c]),
-                _ => (c as i32 + shift) as f32,
+            .map(|c| match self.level_shift() {
+                Some(shift) => (c as i32 + shift) as f32,
+                None => f32::from(KVALUES_IQ4[c]),
             })
             .collect()
+    }
+
+    /// `level(code) = code + shift` for the types whose levels are consecutive integers; `None`
+    /// for the IQ4 types (a table of non-uniform levels).
+    fn level_shift(self) -> Option<i32> {
+        match self {
+            Self::IQ4_NL | Self::IQ4_XS => None,
+            Self::Q8_0 => Some(-128),
+            Self::Q4_0 => Some(-8),
+            Self::Q5_0 => Some(-16),
+            Self::Q6_K => Some(-32),
+            Self::Q3_K => Some(-4),
+            _ => Some(0),
+        }
     }
 }
 
@@ -246,12 +252,14 @@ impl fmt::Display for GgmlType {
     }
 }
 
+#[inline(always)]
 fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Decodes one block of a quantized type into per-value codes (`block_size` of them) and per-group
 /// scales and offsets (`block_size / group_size`; offsets left as they are for types without).
+#[inline(always)]
 pub fn decode_block(
     ty: GgmlType,
     b: &[u8],
@@ -407,6 +415,13 @@ pub fn levels_of(ty: GgmlType) -> &'static [f32] {
 
 /// The values of whole blocks `src` (a multiple of the block's bytes) into `out`.
 pub fn dequantize_into(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    dequantize_inline(ty, src, out)
+}
+
+/// [`dequantize_into`]'s body, inlined into `host::kernels::dequantize`, which compiles it for
+/// the widest vectors the CPU has (the matrix product decodes every weight on every call).
+#[inline(always)]
+pub(crate) fn dequantize_inline(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     match ty {
         GgmlType::F32 => {
             for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
@@ -428,9 +443,36 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], out: &mut [f32]) {
         }
         _ => {}
     }
-    let levels = levels_of(ty);
     let (bs, gs) = (ty.block_size(), ty.group_size());
     debug_assert_eq!(src.len() / ty.block_bytes() * bs, out.len());
+    // The two most used types straight from their bytes (the matrix product decodes every
+    // weight on every call); the same products as below, so the same bits.
+    match ty {
+        GgmlType::Q8_0 => {
+            for (b, out) in src.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = half(b, 0);
+                for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                    *o = d * f32::from(q as i8);
+                }
+            }
+            return;
+        }
+        GgmlType::Q4_0 => {
+            for (b, out) in src.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                let d = half(b, 0);
+                let (low, high) = out.split_at_mut(16);
+                for ((l, h), &q) in low.iter_mut().zip(high).zip(&b[2..18]) {
+                    *l = d * f32::from((q & 0xF) as i8 - 8);
+                    *h = d * f32::from((q >> 4) as i8 - 8);
+                }
+            }
+            return;
+        }
+        _ => {}
+    }
+    let levels = levels_of(ty);
+    // Consecutive integer levels are computed rather than looked up, which vectorises.
+    let shift = ty.level_shift();
     let mut codes = [0u8; QK_K];
     let mut scales = [0f32; 16];
     let mut offsets = [0f32; 16];
@@ -451,14 +493,28 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], out: &mut [f32]) {
             .enumerate()
         {
             let scale = scales[g];
-            if ty.has_offset() {
-                let offset = offsets[g];
-                for (o, &c) in out.iter_mut().zip(codes) {
-                    *o = scale * levels[c as usize] + offset;
+            match (shift, ty.has_offset()) {
+                (Some(shift), true) => {
+                    let offset = offsets[g];
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = scale * (i32::from(c) + shift) as f32 + offset;
+                    }
                 }
-            } else {
-                for (o, &c) in out.iter_mut().zip(codes) {
-                    *o = scale * levels[c as usize];
+                (Some(shift), false) => {
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = scale * (i32::from(c) + shift) as f32;
+                    }
+                }
+                (None, true) => {
+                    let offset = offsets[g];
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = scale * levels[c as usize] + offset;
+                    }
+                }
+                (None, false) => {
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = scale * levels[c as usize];
+                    }
                 }
             }
         }

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use burn::tensor::DType;
-use zimage_nn::{Checkpoint, Precision};
+use zimage_nn::{Checkpoint, Precision, StoredDtype};
 
 use crate::{GenerateOptions, PipelineError};
 
@@ -74,7 +74,9 @@ pub fn gib(bytes: u64) -> String {
 }
 
 /// Bytes a checkpoint's tensors take once loaded: matrices (rank 2 and more) as `precision`
-/// holds them, the rest in the compute dtype.
+/// holds them, the rest in the compute dtype. GGUF blocks stay quantized unless a weights dtype
+/// is asked for: on the host the file's own blocks, on a device packed codes with per-group f32
+/// scales (and offsets), as `QuantizedMatrix` holds them.
 pub fn held_bytes(
     checkpoint: &Checkpoint,
     precision: Precision,
@@ -85,12 +87,27 @@ pub fn held_bytes(
         .entries()
         .map(|(_, entry)| {
             let elements = entry.shape.iter().product::<usize>() as u64;
-            let dtype = if entry.shape.len() >= 2 {
-                precision.matrix_dtype(Some(entry.dtype), host, &supported)
-            } else {
-                precision.compute
-            };
-            elements * dtype.size() as u64
+            match entry.dtype {
+                StoredDtype::Quantized(ty)
+                    if entry.shape.len() >= 2 && precision.weights.is_none() =>
+                {
+                    if host {
+                        elements / ty.block_size() as u64 * ty.block_bytes() as u64
+                    } else {
+                        let groups = elements / ty.group_size() as u64;
+                        elements * u64::from(ty.code_bits()) / 8
+                            + groups * 4 * (1 + u64::from(ty.has_offset()))
+                    }
+                }
+                stored => {
+                    let dtype = if entry.shape.len() >= 2 {
+                        precision.matrix_dtype(Some(stored), host, &supported)
+                    } else {
+                        precision.compute
+                    };
+                    elements * dtype.size() as u64
+                }
+            }
         })
         .sum()
 }

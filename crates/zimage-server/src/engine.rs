@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use zimage_lora::LoraAdapter;
 use zimage_nn::ZBackend;
 use zimage_pipeline::memory::{self, gib};
@@ -79,18 +79,36 @@ impl<B: ZBackend> PipelineEngine<B> {
         options.width = resident_size;
         options.height = resident_size;
         let model_error = |e: PipelineError| ServerError::Model(e.to_string());
-        let resident = match memory::available_host_memory().map_err(model_error)? {
-            Some(available) if device_is_host => {
-                pipeline
-                    .estimate_memory(&options)
-                    .map_err(model_error)?
-                    .peak()
-                    <= available
-            }
-            // Device memory is not estimated: keep models resident and let a job fail if the
-            // device runs out.
-            _ => true,
+        let peak = |p: &ZImagePipeline<B>| -> Result<u64, ServerError> {
+            Ok(p.estimate_memory(&options).map_err(model_error)?.peak())
         };
+        // Device memory is not estimated: models stay resident and a job fails if the device
+        // runs out. On the host: resident when everything fits, else staged per job; and, as
+        // `zimage generate` does, weights stored in f32 are held in bf16 when even staged they
+        // do not fit (unless a weights dtype was chosen).
+        let mut resident = true;
+        match memory::available_host_memory().map_err(model_error)? {
+            Some(available) if device_is_host && peak(&pipeline)? > available => {
+                resident = false;
+                pipeline = pipeline.keep_models(false);
+                let stored = pipeline.precision();
+                if peak(&pipeline)? > available && stored.weights.is_none() {
+                    pipeline = pipeline.with_precision(stored.with_weights(Some(DType::BF16)));
+                    let staged = peak(&pipeline)?;
+                    pipeline = pipeline.keep_models(true);
+                    resident = peak(&pipeline)? <= available;
+                    if resident || staged <= available {
+                        eprintln!(
+                            "holding the weights in bf16: as stored they do not fit in the {} available (--weights-dtype f32 to insist)",
+                            gib(available)
+                        );
+                    } else {
+                        pipeline = pipeline.with_precision(stored);
+                    }
+                }
+            }
+            _ => {}
+        }
         pipeline = pipeline.keep_models(resident);
         if resident {
             pipeline

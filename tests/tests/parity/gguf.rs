@@ -17,7 +17,7 @@ use zimage_nn::quant::GgmlType;
 use zimage_nn::{Checkpoint, QuantizedMatrix, StoredDtype};
 use zimage_pipeline::{ModelFiles, ZImagePipeline};
 
-fn gguf_fixtures() -> PathBuf {
+pub(crate) fn gguf_fixtures() -> PathBuf {
     fixtures().join("gguf")
 }
 
@@ -81,7 +81,7 @@ fn every_ggml_type_dequantizes_as_gguf_py_does() {
 
 /// The tiny pipeline's folder with the transformer's weights removed and the GGUF transformer's
 /// config in their place: only the GGUF file can make the image.
-fn folder_for_gguf_transformer() -> PathBuf {
+pub(crate) fn folder_for_gguf_transformer() -> PathBuf {
     let dir = common::scratch("gguf-pipeline");
     copy_dir(&model_folder(), &dir);
     let transformer = dir.join("transformer");
@@ -104,16 +104,36 @@ struct TransformerCases {
 /// `f32` (gguf-py's exact values, loaded as a plain f32 state dict) or `diffusers` (its GGUF
 /// loader, whose CPU dequantization rounds through float16); `None` is the unquantized model.
 #[derive(serde::Deserialize)]
-struct TransformerCase {
-    name: String,
-    transformer: Option<String>,
-    dequant: Option<String>,
+pub(crate) struct TransformerCase {
+    pub name: String,
+    pub transformer: Option<String>,
+    pub dequant: Option<String>,
     args: serde_json::Value,
-    expected: Vec<String>,
-    latents: String,
+    pub expected: Vec<String>,
+    pub latents: String,
 }
 
-fn transformer_cases() -> Vec<TransformerCase> {
+impl TransformerCase {
+    /// The case's diffusers call as options of `pipeline`.
+    pub fn options<BK: zimage_nn::ZBackend>(
+        &self,
+        pipeline: &ZImagePipeline<BK>,
+    ) -> zimage_pipeline::GenerateOptions {
+        let a = &self.args;
+        let mut o = pipeline.options(a["prompt"].as_str().unwrap().to_string());
+        if let Some(n) = a["negative_prompt"].as_str() {
+            o.negative_prompts = Some(vec![n.to_string()]);
+        }
+        o.num_inference_steps = a["num_inference_steps"].as_u64().unwrap() as usize;
+        o.guidance_scale = a["guidance_scale"].as_f64().unwrap() as f32;
+        o.seed = a["seed"].as_u64().unwrap();
+        o.width = a["width"].as_u64().unwrap() as usize;
+        o.height = a["height"].as_u64().unwrap() as usize;
+        o
+    }
+}
+
+pub(crate) fn transformer_cases() -> Vec<TransformerCase> {
     let text = std::fs::read_to_string(gguf_fixtures().join("transformer/cases.json")).unwrap();
     serde_json::from_str::<TransformerCases>(&text)
         .unwrap()
@@ -146,16 +166,7 @@ fn gguf_transformers_make_diffusers_images() {
                 .iter()
                 .filter(|c| c.transformer.as_deref() == Some(gguf))
             {
-                let a = &case.args;
-                let mut o = pipeline.options(a["prompt"].as_str().unwrap().to_string());
-                if let Some(n) = a["negative_prompt"].as_str() {
-                    o.negative_prompts = Some(vec![n.to_string()]);
-                }
-                o.num_inference_steps = a["num_inference_steps"].as_u64().unwrap() as usize;
-                o.guidance_scale = a["guidance_scale"].as_f64().unwrap() as f32;
-                o.seed = a["seed"].as_u64().unwrap();
-                o.width = a["width"].as_u64().unwrap() as usize;
-                o.height = a["height"].as_u64().unwrap() as usize;
+                let o = case.options(&pipeline);
                 let out = pipeline
                     .generate(&o, &mut |_| ControlFlow::Continue(()))
                     .unwrap_or_else(|e| panic!("{}: {e}", case.name));
@@ -189,6 +200,76 @@ fn gguf_transformers_make_diffusers_images() {
                         "{path:?} {}: PSNR {db:.1} dB against diffusers' GGUF loader",
                         case.name
                     ),
+                }
+            }
+        }
+    });
+}
+
+/// The memory estimate counts GGUF weights as they are held: on the host the file's own blocks
+/// (quantized and f16 matrices as stored, vectors in the compute dtype), on the generic path
+/// packed codes and per-group scales; never as the f32 matrices they decode to (which made a Q4_K
+/// model look 5x its size and set off the f32-to-bf16 fallback on the published model).
+#[test]
+fn the_memory_estimate_counts_gguf_weights_at_their_quantized_size() {
+    let folder = folder_for_gguf_transformer();
+    let dir = gguf_fixtures().join("transformer");
+    common::on_both_paths(|path| {
+        for gguf in [
+            "z_image_q8_0.gguf",
+            "z_image_q4_k.gguf",
+            "z_image_q4_0.gguf",
+        ] {
+            let file = dir.join(gguf);
+            let files = ModelFiles::open(&folder)
+                .unwrap()
+                .with_transformer_file(&file)
+                .unwrap();
+            let pipeline = ZImagePipeline::<B>::new(files, &Default::default(), DType::F32)
+                .unwrap()
+                .keep_models(false);
+            let estimate = pipeline.estimate_memory(&pipeline.options("")).unwrap();
+            let held = estimate.stages[1].weights;
+            let checkpoint = Checkpoint::open(&file).unwrap();
+            let as_f32: u64 = checkpoint
+                .entries()
+                .map(|(_, e)| 4 * e.shape.iter().product::<usize>() as u64)
+                .sum();
+            // On the host every matrix stays as stored (quantized blocks, f16 kept tensors);
+            // vectors (norms, biases) are held in the compute dtype, f32 here.
+            let host_expected: u64 = checkpoint
+                .entries()
+                .map(|(_, e)| {
+                    let elements = e.shape.iter().product::<usize>();
+                    if e.shape.len() >= 2 {
+                        let format = HostFormat::from_stored(e.dtype).unwrap();
+                        format.bytes_for(elements) as u64
+                    } else {
+                        4 * elements as u64
+                    }
+                })
+                .sum();
+            match path {
+                common::KernelPath::Host => {
+                    assert_eq!(held, host_expected, "{gguf}");
+                    assert!(held < as_f32 / 2, "{gguf}: {held} bytes of {as_f32} as f32");
+                }
+                // On the generic path float tensors may widen to the compute dtype (f32 at
+                // most); the quantized ones take at most 1.25 bytes a value (8-bit codes and
+                // per-32 f32 scales), not the 4 of the f32 matrices they decode to.
+                common::KernelPath::Generic => {
+                    let (quantized, others): (Vec<_>, Vec<_>) = checkpoint
+                        .entries()
+                        .map(|(_, e)| (e.dtype, e.shape.iter().product::<usize>() as u64))
+                        .partition(|(dtype, _)| matches!(dtype, StoredDtype::Quantized(_)));
+                    let quantized: u64 = quantized.iter().map(|(_, n)| n).sum();
+                    let others_as_f32: u64 = others.iter().map(|(_, n)| 4 * n).sum();
+                    assert!(quantized > 0, "{gguf}");
+                    assert!(
+                        held <= others_as_f32 + quantized * 5 / 4,
+                        "{gguf}: {held} bytes estimated for {quantized} quantized values \
+                         and {others_as_f32} bytes of others as f32"
+                    );
                 }
             }
         }

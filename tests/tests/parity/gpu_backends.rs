@@ -1,4 +1,5 @@
-//! One parity fixture per component and one end-to-end pipeline case on the GPU backends.
+//! One parity fixture per component and two end-to-end pipeline cases (one with a GGUF
+//! transformer) on the GPU backends.
 //!
 //! - wgpu in f32, always built: CI runs it on Mesa's software Vulkan driver (lavapipe, installed by
 //!   `.ci/run`, which then sets `ZIMAGE_REQUIRE_WGPU=1`), with the CPU parity tests' bars
@@ -175,7 +176,43 @@ fn pipeline<BK: zimage_nn::ZBackend>(device: &BK::Device, dtype: DType, bar: Bar
     }
 }
 
-/// The four checks of one backend and dtype, each its own test.
+/// A Q4_K GGUF transformer, held on the device as packed codes and dequantized per use, against
+/// diffusers' image from gguf-py's exact values (the CPU parity test's case and bars).
+fn gguf_pipeline<BK: zimage_nn::ZBackend>(device: &BK::Device, dtype: DType, bar: Bar) {
+    use super::gguf::{folder_for_gguf_transformer, gguf_fixtures, transformer_cases};
+    let cases = transformer_cases();
+    let case = cases
+        .iter()
+        .find(|c| c.name == "z_image_q4_k.f32-fox_guidance")
+        .expect("the Q4_K case with guidance");
+    let dir = gguf_fixtures().join("transformer");
+    let files = ModelFiles::open(folder_for_gguf_transformer())
+        .expect("model folder")
+        .with_transformer_file(dir.join(case.transformer.as_deref().unwrap()))
+        .expect("GGUF transformer");
+    let mut pipeline = ZImagePipeline::<BK>::new(files, device, dtype).expect("pipeline");
+    let out = pipeline
+        .generate(&case.options(&pipeline), &mut |_| ControlFlow::Continue(()))
+        .expect("generate");
+    check(
+        &format!("{} {dtype:?} {} final latents", BK::name(device), case.name),
+        to_vec(out.latents.clone()),
+        &Case::open(dir.join(&case.latents)).values("latents").0,
+        Bar {
+            rel_l2: bar.latents_rel_l2,
+            ..bar
+        },
+    );
+    let db = psnr(&out.images[0], &load_png(&dir.join(&case.expected[0])));
+    println!(
+        "{} {dtype:?} {}: PSNR {db:.1} dB",
+        BK::name(device),
+        case.name
+    );
+    assert!(db >= bar.psnr_db, "{}: PSNR {db:.1} dB", case.name);
+}
+
+/// The five checks of one backend and dtype, each its own test.
 macro_rules! backend_tests {
     ($module:ident, $backend:ty, $require:literal, $dtype:expr, $bar:expr) => {
         mod $module {
@@ -207,6 +244,13 @@ macro_rules! backend_tests {
             fn pipeline_reproduces_diffusers_image() {
                 if let Some(device) = device::<BK>($require) {
                     pipeline::<BK>(&device, $dtype, $bar);
+                }
+            }
+
+            #[test]
+            fn gguf_pipeline_reproduces_diffusers_image() {
+                if let Some(device) = device::<BK>($require) {
+                    gguf_pipeline::<BK>(&device, $dtype, $bar);
                 }
             }
         }

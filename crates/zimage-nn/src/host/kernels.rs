@@ -44,6 +44,15 @@ macro_rules! vectorized {
 
 const LANES: usize = 16;
 
+vectorized! {
+    /// [`crate::quant::dequantize_into`] (the same values, bit for bit), compiled for the widest
+    /// vectors the CPU has: the matrix product decodes each strip of quantized weights into its
+    /// packing buffer on every call.
+    pub fn dequantize(ty: crate::quant::GgmlType, src: &[u8], out: &mut [f32]) {
+        crate::quant::dequantize_inline(ty, src, out)
+    }
+}
+
 /// `exp(x)` to within 2 ulp for x in [-87, 88.3], 0 below, +inf above: Cody-Waite reduction
 /// by ln 2 and Cephes' degree-5 polynomial, written without branches so that loops over it
 /// vectorise (libm's `expf` is a call per element).

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::gemm::RowSource;
+use super::kernels::dequantize;
 use crate::checkpoint::{MappedBytes, StoredDtype};
-use crate::quant::{dequantize_into, GgmlType};
+use crate::quant::GgmlType;
 
 /// How a [`HostMatrix`] stores its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,11 +200,11 @@ impl RowSource for HostMatrix {
             let row = &self.storage.bytes()[i * row_bytes..(i + 1) * row_bytes];
             let (first, last) = (c0 / bs, (c0 + out.len()).div_ceil(bs));
             if c0 % bs == 0 && out.len() % bs == 0 {
-                dequantize_into(ty, &row[first * bb..last * bb], out);
+                dequantize(ty, &row[first * bb..last * bb], out);
             } else {
                 // Not on block boundaries (the kernels always are): decode the covering blocks.
                 let mut blocks = vec![0f32; (last - first) * bs];
-                dequantize_into(ty, &row[first * bb..last * bb], &mut blocks);
+                dequantize(ty, &row[first * bb..last * bb], &mut blocks);
                 let len = out.len();
                 out.copy_from_slice(&blocks[c0 - first * bs..][..len]);
             }
@@ -222,7 +223,7 @@ impl RowSource for HostMatrix {
 /// Little-endian stored values to f32 (exact for every format; whole blocks when quantized).
 pub(crate) fn widen(format: HostFormat, src: &[u8], out: &mut [f32]) {
     match format {
-        HostFormat::Quantized(ty) => dequantize_into(ty, src, out),
+        HostFormat::Quantized(ty) => dequantize(ty, src, out),
         HostFormat::F32 => bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(src),
         HostFormat::BF16 => match bytemuck::try_cast_slice::<u8, u16>(src) {
             Ok(bits) => {
